@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Exact versions of everything, in one file: torch 2.14.1 + torchvision 0.29.1 (the pair that imports together).
+CONSTRAINTS := constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench lint format clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check ray_hrc jobs tests bench
+	$(BIN)/ruff format --check ray_hrc jobs tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format ray_hrc jobs tests bench
+	$(BIN)/ruff check --fix ray_hrc jobs tests bench
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,122 @@
+"""The ``ray-hrc`` command line. Each subcommand parses its arguments and calls one package function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ray_hrc.manifest import DEFAULT_TEMPLATE, TEMPLATES
+
+logger = logging.getLogger("ray_hrc")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the files are")
+    g.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f"URI template for manifest rows without a URI column: a name ({', '.join(TEMPLATES)}), a template with "
+        "{obsid}/{obsid[:4]}/{id}, or a local folder holding <obsid>_raw.fits (default: MAST's public bucket)",
+    )
+    g.add_argument("--anon", action="store_true", help="anonymous S3 reads (MAST's public bucket s3://stpubdata allows them)")
+    g.add_argument("--s3-endpoint", default=None, help="S3-protocol endpoint URL (MinIO, a local test server, ...)")
+    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per read task (default 1)")
+    g.add_argument("--concurrency", type=int, default=None, help="at most this many read tasks at once (default: Ray Data decides)")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def storage_options_from_args(args: argparse.Namespace) -> dict:
+    opts: dict = {}
+    if getattr(args, "anon", False):
+        opts["anon"] = True
+    if getattr(args, "s3_endpoint", None):
+        opts["client_kwargs"] = {"endpoint_url": args.s3_endpoint}
+    return opts
+
+
+def read_config_from_args(args: argparse.Namespace):
+    from ray_hrc.data import ReadConfig
+
+    template = TEMPLATES.get(args.template, args.template)
+    return ReadConfig(
+        template=template, storage_options=storage_options_from_args(args), num_cpus=args.num_cpus, concurrency=args.concurrency
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ray_hrc.synth import synthesize_archive
+
+    manifest = synthesize_archive(args.out, bodies=args.bodies, seed=args.seed, workers=args.workers)
+    print(manifest)
+    return 0
+
+
+def cmd_crop(args: argparse.Namespace) -> int:
+    from ray_hrc.crop import crop_archive
+    from ray_hrc.runtime import init_ray
+
+    init_ray(args.address)
+    summary = crop_archive(args.sources, args.out, read_config_from_args(args))
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["chips"] or not summary["errors"] else 1
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ray_hrc.manifest import read_manifest, split_manifest, write_manifest
+
+    df = read_manifest(args.manifest, template=TEMPLATES.get(args.template, args.template))
+    train, test = split_manifest(df, test_fraction=args.test_fraction, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(train, out / "train.csv")
+    write_manifest(test, out / "test.csv")
+    for name, part in (("train", train), ("test", test)):
+        counts = part["Label"].value_counts().to_dict()
+        print(f"{name}: {len(part)} chips, {part['ID'].nunique()} bodies, {counts} -> {out / (name + '.csv')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-hrc", description="Classify full-resolution Hubble chips as galaxy or NSC on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic survey archive of raw ACS/WFC and WFC3/UVIS files + an LCID manifest")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--bodies", type=int, default=8, help="number of celestial bodies (both classes, about half each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("crop", help="crop raw files to 2048x4096 LCID samples (uint16 FITS) with index.csv and errors.csv")
+    p.add_argument("sources", nargs="+", help="manifest CSV(s), FITS paths/URIs, folders, prefixes or globs (local or s3://)")
+    p.add_argument("--out", required=True, help="output folder (local or s3://)")
+    _add_source_args(p)
+    p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("split", help="split a manifest by celestial body into train.csv and test.csv")
+    p.add_argument("manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="URI template for rows without a URI column")
+    p.set_defaults(func=cmd_split)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

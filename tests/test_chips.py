@@ -1,0 +1,159 @@
+"""Crop exactness for every layout, header parsing, and one error record per kind of bad input. No Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from rawfits import PRESCAN_DN, layout_for, science_pattern, write_file
+
+from ray_hrc.chips import Chip, ChipError, filter_name, read_fits
+from ray_hrc.layouts import CHIP_SHAPE, LAYOUTS, UnsupportedLayoutError, find_layout
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"{lay.name}-{lay.product}")
+def test_every_layout_crops_to_chip_shape(layout):
+    for geom in layout.chips.values():
+        rows = len(range(*geom.rows.indices(layout.shape[0])))
+        cols = sum(len(range(*a.science.indices(layout.shape[1]))) for a in geom.amps)
+        assert (rows, cols) == CHIP_SHAPE
+
+
+@pytest.mark.parametrize("name", ["ACS/WFC", "WFC3/UVIS"])
+def test_raw_crop_is_exact_and_bias_comes_from_each_prescan(tmp_path, name):
+    path = write_file(tmp_path / "x_raw.fits", name)
+    chips = read_fits(str(path))
+    assert [c.meta.hdu for c in chips] == [1, 4]
+    for chip in chips:
+        assert isinstance(chip, Chip), chip
+        assert chip.pixels.dtype == np.uint16 and chip.pixels.shape == CHIP_SHAPE
+        np.testing.assert_array_equal(chip.pixels, science_pattern(chip.meta.extver))  # only science survives, same orientation
+        np.testing.assert_array_equal(chip.amp_bias, np.array(PRESCAN_DN, np.float32))
+        assert chip.meta.instrument == name and chip.meta.product == "raw"
+
+
+def test_uvis_drops_the_three_rows_next_to_the_chip_gap():
+    lay = layout_for("WFC3/UVIS")
+    assert lay.chips[2].rows == slice(22, 2070)  # UVIS1: 19 virtual overscan rows + 3 science rows at the gap (top)
+    assert lay.chips[1].rows == slice(0, 2048)  # UVIS2: the last 3 science rows (next to its overscan at the bottom)
+    acs = layout_for("ACS/WFC")
+    assert acs.chips[2].rows == slice(20, 2068) and acs.chips[1].rows == slice(0, 2048)
+
+
+@pytest.mark.parametrize("name", ["ACS/WFC", "WFC3/UVIS"])
+def test_calibrated_crop(tmp_path, name):
+    path = write_file(tmp_path / "x_flt.fits", name, "calibrated")
+    for chip in read_fits(str(path)):
+        assert isinstance(chip, Chip), chip
+        assert chip.pixels.dtype == np.float32 and chip.meta.product == "calibrated"
+        np.testing.assert_array_equal(chip.pixels, science_pattern(chip.meta.extver).astype(np.float32))
+        assert not chip.amp_bias.any()
+
+
+def test_manifest_hdu_index_resolves_to_the_same_sci(tmp_path):
+    path = write_file(tmp_path / "x_raw.fits")
+    (chip,) = read_fits(str(path), hdus=[4])
+    assert chip.meta.hdu == 4 and chip.meta.extver == 2 and chip.meta.ccdchip == 1
+    (err,) = read_fits(str(path), hdus=[2])
+    assert isinstance(err, ChipError) and err.error_class == "missing_sci" and "HDU 2" in err.message
+
+
+def test_metadata_and_chip_centre(tmp_path):
+    path = write_file(tmp_path / "x_raw.fits", rootname="J96R23B7Q")
+    c1, c2 = read_fits(str(path))
+    m = c1.meta
+    assert (m.obsid, m.filter, m.exptime, m.targname, m.date_obs) == ("j96r23b7q", "F606W", 500.0, "NGC-TEST", "2019-03-04T05:06:07")
+    assert not m.radec_from_targ and abs(m.ra - 150.0) < 0.1
+    assert c2.meta.dec > c1.meta.dec  # the two chips' centres differ as their WCSs do
+
+
+def test_radec_falls_back_to_target_when_no_wcs(tmp_path):
+    path = tmp_path / "x_raw.fits"
+    write_file(path)
+    with fits.open(path, mode="update") as hdul:
+        for key in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2"):
+            del hdul[1].header[key]
+    (chip,) = read_fits(str(path), hdus=[1])
+    assert chip.meta.radec_from_targ and (chip.meta.ra, chip.meta.dec) == (150.0, 2.0)
+
+
+def test_filter_name():
+    assert filter_name(fits.Header({"FILTER1": "CLEAR1L", "FILTER2": "F814W"})) == "F814W"
+    assert filter_name(fits.Header({"FILTER": "F275W"})) == "F275W"
+
+
+def test_find_layout_errors_say_what_was_expected():
+    with pytest.raises(UnsupportedLayoutError, match=r"expected \(2068, 4144\) \(raw\) or \(2048, 4096\) \(calibrated\)"):
+        find_layout("ACS", "WFC", (10, 10), where="SCI,2 of x.fits")
+    with pytest.raises(UnsupportedLayoutError, match="WFC3/IR.*expected one of ACS/WFC, WFC3/UVIS"):
+        find_layout("WFC3", "IR", (1024, 1024))
+
+
+# --- bad input: each becomes an error record naming the file, and good chips still come out ---------------------------
+
+
+def _only_error(records, error_class):
+    assert len(records) >= 1 and all(isinstance(r, ChipError) for r in records), records
+    assert {r.error_class for r in records} == {error_class}, [(r.error_class, r.message) for r in records]
+    return records[0]
+
+
+def test_truncated_file(tmp_path):
+    path = write_file(tmp_path / "t_raw.fits")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    records = read_fits(str(path))
+    errs = [r for r in records if isinstance(r, ChipError)]
+    assert errs and {e.error_class for e in errs} <= {"truncated"}, [(e.error_class, e.message) for e in errs]
+    assert "t_raw.fits" in errs[0].message
+
+
+def test_not_fits(tmp_path):
+    path = tmp_path / "junk_raw.fits"
+    path.write_bytes(b"this is not a FITS file\n" * 100)
+    err = _only_error(read_fits(str(path)), "not_fits")
+    assert "junk_raw.fits" in err.message
+
+
+def test_empty_bytes():
+    _only_error(read_fits(b"", uri="request"), "not_fits")
+
+
+def test_other_instrument(tmp_path):
+    path = write_file(tmp_path / "ir_raw.fits", instrument="WFC3", detector="IR")
+    err = _only_error(read_fits(str(path)), "unsupported_instrument")
+    assert "WFC3/IR" in err.message and "ACS/WFC" in err.message
+
+
+def test_missing_sci(tmp_path):
+    path = tmp_path / "nosci_raw.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(name="ERR", ver=1)]).writeto(path)
+    err = _only_error(read_fits(str(path)), "missing_sci")
+    assert "nosci_raw.fits" in err.message
+
+
+def test_wrong_shape(tmp_path):
+    path = write_file(tmp_path / "small_raw.fits", shape=(100, 200))
+    err = _only_error(read_fits(str(path)), "unsupported_instrument")
+    assert "(100, 200)" in err.message and "(2068, 4144)" in err.message
+
+
+def test_all_nan(tmp_path):
+    path = write_file(tmp_path / "nan_flt.fits", product="calibrated", data_fn=lambda lay, v: np.full(lay.shape, np.nan, np.float32))
+    err = _only_error(read_fits(str(path)), "all_nan")
+    assert "nan_flt.fits" in err.message
+
+
+def test_unreadable_uri(tmp_path):
+    err = _only_error(read_fits(str(tmp_path / "missing_raw.fits")), "unreadable")
+    assert "missing_raw.fits" in err.message
+
+
+def test_one_bad_chip_does_not_lose_the_other(tmp_path):
+    def data(layout, extver):
+        from rawfits import raw_array
+
+        return raw_array(layout, extver) if extver == 1 else np.zeros((5, 5), np.uint16)
+
+    records = read_fits(str(write_file(tmp_path / "half_raw.fits", data_fn=data)))
+    assert isinstance(records[0], Chip) and isinstance(records[1], ChipError)
