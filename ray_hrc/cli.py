@@ -80,6 +80,37 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from ray_hrc.config import load_config
+    from ray_hrc.runtime import init_ray
+    from ray_hrc.train import run_training
+
+    overrides = list(args.set or [])
+    if args.manifest:
+        overrides.append(f"data.manifest={args.manifest}")
+        if not args.test_manifest:
+            overrides.append("data.test_manifest=null")
+    if args.test_manifest:
+        overrides.append(f"data.test_manifest={args.test_manifest}")
+    if args.out:
+        out = args.out.rstrip("/")
+        parent, name = out.rsplit("/", 1) if "/" in out else (".", out)
+        overrides += [f"run.storage_path={parent if '://' in out else os.path.abspath(parent)}", f"run.name={name}"]
+    cfg = load_config(args.config, overrides)
+    init_ray(args.address)
+    outcome = run_training(cfg, resume=args.resume)
+    m = outcome.best_metrics
+    print(f"run: {outcome.run_dir}")
+    print(
+        f"best epoch {m['epoch']}: accuracy {m['accuracy']:.4f}, F1 galaxy {m['f1_galaxy']:.4f}, F1 NSC {m['f1_nsc']:.4f}, "
+        f"confusion [true x predicted; galaxy, NSC] {m['confusion']}"
+    )
+    print(outcome.best_checkpoint)  # the last line: the best checkpoint's URI, for scripts to chain
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-hrc", description="Classify full-resolution Hubble chips as galaxy or NSC on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,7 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="URI template for rows without a URI column")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train a model data-parallel with Ray Train (same as jobs/train.py)")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
     return parser
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (configs/paper/*.yaml, configs/smoke.yaml, configs/demo.yaml)")
+    p.add_argument("--manifest", default=None, help="LCID-format manifest to train on (split by body unless --test-manifest is given)")
+    p.add_argument("--test-manifest", default=None, help="held-out manifest to evaluate on every epoch")
+    p.add_argument("--out", default=None, help="run folder (local or s3://); default <run.storage_path>/<run.name> from the config")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (at the next epoch)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError and ManifestError are ValueErrors
         logger.error("%s", exc)
         return 2
 

@@ -43,3 +43,55 @@ def chip_gallery(thumbs: Sequence[np.ndarray], titles: Sequence[str], path: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def training_curves(history, path: str | Path, *, title: str = "") -> Path:
+    """Loss and test metrics per epoch from a DataFrame with the columns of `ray_hrc.train` reports."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    epochs = history["epoch"]
+    ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
+    ax_loss.plot(epochs, history["test_loss"], "s-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    for column, label in (("accuracy", "accuracy"), ("f1_galaxy", "F1 galaxy"), ("f1_nsc", "F1 NSC")):
+        ax_acc.plot(epochs, history[column], "o-", label=label)
+    ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="test metrics")
+    ax_acc.legend(loc="lower right")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_plot(confusion, class_names: Sequence[str], path: str | Path, *, title: str = "") -> Path:
+    """A confusion matrix like the paper's Figure 3: counts and row percentages, true labels on the rows."""
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.imshow(confusion, cmap="Blues")
+    rows = confusion.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(confusion.shape[0]):
+        for j in range(confusion.shape[1]):
+            dark = confusion[i, j] > confusion.max() / 2
+            ax.text(
+                j,
+                i,
+                f"{confusion[i, j]}\n{100 * confusion[i, j] / rows[i, 0]:.1f}%",
+                ha="center",
+                va="center",
+                color="white" if dark else "black",
+            )
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

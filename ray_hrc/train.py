@@ -1,0 +1,422 @@
+"""Data-parallel training with Ray Train: chips stream from Ray Data into `train_loop_per_worker`.
+
+The loop reads top to bottom: build the model, `prepare_model` (DDP), restore the latest checkpoint if the run is
+resuming, then per epoch `train_step` over the worker's shard, `evaluate` on the held-out bodies (every worker
+scores its share, the confusion matrix is all-reduced), and `ray.train.report` with a checkpoint from rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, save_checkpoint
+from ray_hrc.config import AugmentConfig, ConfigError, JobConfig, config_from_dict
+from ray_hrc.data import good_chips, read_chips
+from ray_hrc.manifest import read_manifest, split_manifest, write_manifest
+from ray_hrc.models import build_model
+from ray_hrc.preprocess import NormConfig, normalise
+
+logger = logging.getLogger(__name__)
+
+
+# --- pure pieces: batches, augmentation, steps, metrics (tested without Ray) -------------------------------------------
+
+
+def label_index(labels: np.ndarray) -> np.ndarray:
+    """'galaxy' -> 0, 'NSC' -> 1 (the order of `CLASS_NAMES`); anything else is an error naming the value."""
+    lookup = {name: i for i, name in enumerate(CLASS_NAMES)}
+    try:
+        return np.array([lookup[str(v)] for v in labels], dtype=np.int64)
+    except KeyError as exc:
+        raise ValueError(f"label {exc.args[0]!r} is not one of {list(CLASS_NAMES)}; training needs a labelled manifest") from exc
+
+
+def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Flip, blur and add noise to one normalised image (float32 (H, W)); shape is kept."""
+    import cv2
+
+    if cfg.flips:
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        if rng.random() < 0.5:
+            image = image[::-1, :]
+        image = np.ascontiguousarray(image)
+    if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
+        image = cv2.GaussianBlur(image, (0, 0), sigmaX=float(rng.uniform(*cfg.blur_sigma)))
+    if cfg.noise_prob > 0 and rng.random() < cfg.noise_prob:
+        image = image + rng.normal(0, rng.uniform(*cfg.noise_std), image.shape).astype(np.float32)
+    return image
+
+
+def batch_to_tensors(
+    batch: dict[str, np.ndarray], norm: NormConfig, aug: AugmentConfig | None = None, rng: np.random.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Ray Data chip batch -> (x float32 (B, 1, H, W), y int64 (B,) or None without labels).
+
+    The same `normalise` as batch classification and Serve; augmentation only when `aug` is given.
+    """
+    images = []
+    for pixels, bias in zip(batch["pixels"], batch["amp_bias"], strict=True):
+        image = normalise(pixels, bias, norm)
+        if aug is not None and aug.enabled:
+            image = augment(image, aug, rng or np.random.default_rng())
+        images.append(image)
+    x = torch.from_numpy(np.stack(images)[:, None])
+    y = torch.from_numpy(label_index(batch["label_true"])) if "label_true" in batch else None
+    return x, y
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, autocast=nullcontext) -> float:
+    """One optimisation step; returns the batch's mean cross-entropy."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.inference_mode()
+def eval_step(model: nn.Module, x: torch.Tensor, autocast=nullcontext) -> torch.Tensor:
+    """Logits for a batch, in eval mode (float32 (B, n_classes))."""
+    model.eval()
+    with autocast():
+        return model(x).float()
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(CLASS_NAMES)) -> np.ndarray:
+    """Counts [true, predicted], int64 (n, n)."""
+    return np.bincount(np.asarray(y_true) * n + np.asarray(y_pred), minlength=n * n).reshape(n, n).astype(np.int64)
+
+
+def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy and per-class F1 (the paper's equations 2-5) from a confusion matrix [true, predicted]."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    total = confusion.sum()
+    out = {"accuracy": float(np.trace(confusion) / total) if total else float("nan")}
+    for i, name in enumerate(CLASS_NAMES):
+        tp = confusion[i, i]
+        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        recall = tp / confusion[i, :].sum() if confusion[i, :].sum() else 0.0
+        out[f"f1_{name.lower()}"] = float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+    return out
+
+
+def _owner(uri: str, hdu: int, world: int) -> int:
+    """Which worker evaluates a chip: a stable hash, so every chip is scored exactly once across workers."""
+    return zlib.crc32(f"{uri}#{hdu}".encode()) % world
+
+
+# --- the Ray Train loop --------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _all_reduce(values: np.ndarray) -> np.ndarray:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        dist.all_reduce(t)
+        return t.numpy()
+    return values
+
+
+def evaluate(model: nn.Module, dataset, cfg: JobConfig, device: torch.device, autocast, rank: int, world: int) -> dict[str, Any]:
+    """Loss, accuracy, F1 per class and the confusion matrix on the test dataset, over all workers."""
+    per_worker = max(1, cfg.train.batch_size // max(1, world))
+    confusion = np.zeros((2, 2), np.int64)
+    loss_sum = 0.0
+    module = model.module if hasattr(model, "module") else model
+    for batch in dataset.iter_batches(batch_size=per_worker, batch_format="numpy"):
+        mine = np.array([_owner(u, h, world) == rank for u, h in zip(batch["uri"], batch["hdu"], strict=True)])
+        if not mine.any():
+            continue
+        batch = {k: v[mine] for k, v in batch.items()}
+        x, y = batch_to_tensors(batch, cfg.preprocess)
+        x = x.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+        logits = eval_step(module, x, autocast).cpu()
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        confusion += confusion_matrix(y.numpy(), logits.argmax(1).numpy())
+    totals = _all_reduce(np.concatenate([confusion.ravel(), [loss_sum]]))
+    confusion = totals[:4].reshape(2, 2).astype(np.int64)
+    n = max(1, int(confusion.sum()))
+    return {
+        "test_loss": float(totals[4] / n),
+        **classification_metrics(confusion),
+        "confusion": confusion.tolist(),
+        "test_chips": int(confusion.sum()),
+    }
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = config_from_dict(loop_config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+    rng = np.random.default_rng(cfg.train.seed + rank)
+
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    model_args = dict(getattr(model, "model_args", cfg.model.kwargs))
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    module = model.module if hasattr(model, "module") else model
+    params = model.parameters()
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    elif cfg.train.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    else:
+        raise ConfigError(f"train.optimizer is {cfg.train.optimizer!r}; expected 'sgd' or 'adamw'")
+    use_bf16 = cfg.train.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    start_epoch, history, best = 0, [], -1.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d)
+        module.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        start_epoch, history = state["epoch"] + 1, state.get("history", [])
+        best = max((h["accuracy"] for h in history), default=-1.0)
+        if rank == 0 and "rng_state" in state:
+            _set_rng_state(state["rng_state"])
+        logger.info("rank %d resumes at epoch %d of %d", rank, start_epoch + 1, cfg.train.epochs)
+
+    per_worker = cfg.train.batch_size // world
+    train_shard = ray.train.get_dataset_shard("train")
+    test_ds = ray.train.get_dataset_shard("test")
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0, n_chips, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_batches(
+            batch_size=per_worker,
+            batch_format="numpy",
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + epoch,
+        ):
+            x, y = batch_to_tensors(batch, cfg.preprocess, cfg.augment, rng)
+            loss_sum += train_step(model, optimizer, x.to(device, memory_format=memory_format), y.to(device), autocast) * len(y)
+            n_chips += len(y)
+            steps += 1
+        train_s = time.perf_counter() - t0
+        sums = _all_reduce(np.array([loss_sum, n_chips, train_s]))
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(sums[0] / max(1, sums[1])),
+            "train_chips": int(sums[1]),
+            "train_chips_per_s": float(sums[1] / max(1e-9, train_s)),
+            **evaluate(model, test_ds, cfg, device, autocast, rank, world),
+            "epoch_s": time.perf_counter() - t0,
+        }
+        history.append(metrics)
+        best = max(best, metrics["accuracy"])
+        if rank == 0:
+            logger.info(
+                "epoch %d/%d: train loss %.4f, test loss %.4f, accuracy %.4f, F1 galaxy %.4f, F1 NSC %.4f (%.1f s)",
+                epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["test_loss"], metrics["accuracy"],
+                metrics["f1_galaxy"], metrics["f1_nsc"], metrics["epoch_s"],
+            )  # fmt: skip
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(
+                    d,
+                    {
+                        "model_name": cfg.model.name,
+                        "model_args": model_args,
+                        "model_state": module.state_dict(),
+                        "optimizer_state": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "rng_state": _rng_state(),
+                        "preprocess": cfg.preprocess.to_dict(),
+                        "class_names": list(CLASS_NAMES),
+                        "history": history,
+                        "metrics": metrics,
+                        "config": cfg.to_dict(),
+                    },
+                )
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(
+                {k: v for k, v in metrics.items() if k != "confusion"}, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:03d}"
+            )
+
+
+# --- the driver ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    best_checkpoint: str  # URI of the best checkpoint's directory
+    best_metrics: dict
+    history: list[dict]
+
+
+def _abs_storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _uri(checkpoint: ray.train.Checkpoint, storage_path: str) -> str:
+    path = checkpoint.path
+    if "://" in storage_path and "://" not in path:
+        return f"{storage_path.split('://', 1)[0]}://{path}"
+    return path
+
+
+def prepare_manifests(cfg: JobConfig, run_dir: str) -> tuple[str, str]:
+    """Train and test manifests for the run, written into the run folder (synthesizing an archive if none is given)."""
+    fs, root = fsspec.core.url_to_fs(run_dir, **(cfg.data.read.storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    manifest = cfg.data.manifest
+    if manifest is None:
+        from ray_hrc.synth import synthesize_archive
+
+        if "://" in run_dir:
+            raise ConfigError("data.manifest is required when the run is stored remotely (a synthetic archive is written locally)")
+        manifest = str(synthesize_archive(os.path.join(run_dir, "archive"), bodies=cfg.data.synth_bodies, seed=cfg.data.synth_seed))
+    read = cfg.data.read
+    df = read_manifest(manifest, template=read.template, storage_options=read.storage_options or None)
+    if cfg.data.test_manifest:
+        train, test = df, read_manifest(cfg.data.test_manifest, template=read.template, storage_options=read.storage_options or None)
+    else:
+        train, test = split_manifest(df, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+    leaked = sorted(set(train["ID"]) & set(test["ID"]))
+    if leaked:
+        logger.warning("bodies %s are in both the train and test manifests: test accuracy will be optimistic", leaked)
+    paths = []
+    for name, part in (("train", train), ("test", test)):
+        if part.empty:
+            raise ConfigError(f"the {name} split of {manifest} is empty; expected chips of both labels on both sides")
+        path = f"{run_dir.rstrip('/')}/{name}.csv"
+        with fs.open(f"{root}/{name}.csv", "w") as fh:
+            write_manifest(part, fh)
+        paths.append(path)
+        logger.info("%s: %d chips of %d bodies %s", name, len(part), part["ID"].nunique(), part["Label"].value_counts().to_dict())
+    return paths[0], paths[1]
+
+
+def check_resources(cfg: JobConfig) -> None:
+    """Refuse a scaling that leaves a single-node cluster no CPU for Ray Data's read tasks (the run would hang)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources().get("CPU", 0)
+    asked = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if len(nodes) == 1 and total - asked < min(1.0, cfg.data.read.num_cpus):
+        raise ConfigError(
+            f"{cfg.scaling.num_workers} training worker(s) x {cfg.scaling.cpus_per_worker} CPU leave {total - asked:g} of this node's "
+            f"{total:g} CPUs for Ray Data's read tasks, which need {cfg.data.read.num_cpus:g} each: the run would wait forever. "
+            "Lower scaling.cpus_per_worker (e.g. 0.5) or scaling.num_workers."
+        )
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"train.batch_size {cfg.train.batch_size} (global) is not divisible by scaling.num_workers {cfg.scaling.num_workers}"
+        )
+
+
+def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
+    """Train as `cfg` says and return where the best checkpoint is. Ray must be initialised (`init_ray`)."""
+    from ray.train.torch import TorchTrainer
+
+    storage = _abs_storage(cfg.run.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
+    fs, root = fsspec.core.url_to_fs(run_dir, **(cfg.data.read.storage_options or {}))
+    existing = fs.exists(root) and any("epoch_" in p for p in fs.ls(root, detail=False))
+    if existing and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out / run.name")
+    check_resources(cfg)
+    if resume and fs.exists(f"{root}/train.csv"):
+        train_csv, test_csv = f"{run_dir}/train.csv", f"{run_dir}/test.csv"
+    else:
+        train_csv, test_csv = prepare_manifests(cfg, run_dir)
+    read = replace(cfg.data.read, template=cfg.data.read.template)
+    datasets = {"train": good_chips(read_chips(train_csv, read)), "test": good_chips(read_chips(test_csv, read))}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg.to_dict()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.num_to_keep, checkpoint_score_attribute="accuracy", checkpoint_score_order="max"
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint("accuracy", "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
+    state = load_checkpoint(_uri(best, storage), cfg.data.read.storage_options or None)
+    latest = load_checkpoint(_uri(result.checkpoint, storage), cfg.data.read.storage_options or None) if result.checkpoint else state
+    history = latest.get("history", [])
+    write_run_report(run_dir, history, cfg)
+    if cfg.run.mlflow_tracking_uri:
+        log_to_mlflow(cfg, history)
+    return TrainOutcome(run_dir=run_dir, best_checkpoint=_uri(best, storage), best_metrics=state["metrics"], history=history)
+
+
+def write_run_report(run_dir: str, history: list[dict], cfg: JobConfig) -> None:
+    """``metrics.csv`` (one row per epoch) and ``training_curves.png`` in the run folder."""
+    from ray_hrc.plots import training_curves
+
+    fs, root = fsspec.core.url_to_fs(run_dir, **(cfg.data.read.storage_options or {}))
+    df = pd.DataFrame(history)
+    with fs.open(f"{root}/metrics.csv", "w") as fh:
+        df.to_csv(fh, index=False)
+    with tempfile.TemporaryDirectory() as d:
+        png = training_curves(df, os.path.join(d, "training_curves.png"), title=f"{cfg.model.name} {cfg.model.kwargs}")
+        fs.put(str(png), f"{root}/training_curves.png")
+
+
+def log_to_mlflow(cfg: JobConfig, history: list[dict]) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.run.mlflow_tracking_uri)
+    mlflow.set_experiment("ray_hrc")
+    with mlflow.start_run(run_name=cfg.run.name):
+        mlflow.log_params(
+            {
+                "model": cfg.model.name,
+                **{f"model.{k}": v for k, v in cfg.model.kwargs.items()},
+                **{f"train.{k}": v for k, v in vars(cfg.train).items()},
+            }
+        )
+        for h in history:
+            mlflow.log_metrics({k: v for k, v in h.items() if isinstance(v, (int, float)) and k != "epoch"}, step=int(h["epoch"]))
