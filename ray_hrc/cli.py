@@ -111,6 +111,67 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify_config(args: argparse.Namespace):
+    from ray_hrc.classify import ClassifyConfig
+
+    return ClassifyConfig(
+        batch_size=args.batch_size,
+        min_actors=args.min_actors,
+        max_actors=args.max_actors,
+        use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
+        format=getattr(args, "format", "parquet"),
+    )
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ray_hrc.classify import classify_archive
+    from ray_hrc.runtime import init_ray
+
+    init_ray(args.address)
+    summary = classify_archive(
+        args.input, args.checkpoint, args.out, read=read_config_from_args(args), config=_classify_config(args), overwrite=args.overwrite
+    )
+    print(json.dumps(summary, indent=2))
+    print(
+        f"{summary['chips']} chips catalogued ({summary['new_chips']} new, {summary['failed']} failed) by label {summary['by_label']}; "
+        f"{summary['chips_per_s']} chips/s over {summary['wall_s']} s -> {summary['catalog']}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ray_hrc.evaluate import compare, evaluate_checkpoint
+    from ray_hrc.runtime import init_ray
+
+    init_ray(args.address)
+    kwargs = dict(read=read_config_from_args(args), config=_classify_config(args), blurry=args.blurry)
+    if len(args.checkpoint) == 1:
+        metrics = evaluate_checkpoint(args.checkpoint[0], args.manifest, args.out, overwrite=args.overwrite, **kwargs)
+        print(open(f"{args.out}/metrics.md").read())
+        print(f"confusion matrix [true x predicted; galaxy, NSC]: {metrics['confusion']}; report in {args.out}")
+    else:
+        print(compare(args.checkpoint, args.manifest, args.out, overwrite=args.overwrite, **kwargs))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray_hrc.runtime import init_ray
+    from ray_hrc.serve import run_server
+
+    init_ray(args.address)
+    run_server(args.checkpoint, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
+    return 0
+
+
+def _add_model_stage_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model stage")
+    g.add_argument("--batch-size", type=int, default=4, help="chips per model call (default 4)")
+    g.add_argument("--min-actors", type=int, default=1, help="model actor pool lower bound (default 1)")
+    g.add_argument("--max-actors", type=int, default=None, help="model actor pool upper bound (default: autoscale as resources allow)")
+    g.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="model actors on GPUs (auto: when the cluster has any)")
+    g.add_argument("--overwrite", action="store_true", help="start over instead of resuming in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-hrc", description="Classify full-resolution Hubble chips as galaxy or NSC on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -136,6 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="URI template for rows without a URI column")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("classify", help="classify an archive into a labelled catalog (resumable; same as jobs/classify.py)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="manifest CSV(s), FITS paths/URIs, folders, prefixes or globs (local or s3://)"
+    )
+    p.add_argument("--out", required=True, help="output folder (local or s3://): catalog.<fmt>, errors.<fmt>, summary.json")
+    p.add_argument("--format", choices=["parquet", "csv", "fits", "votable"], default="parquet", help="catalog format (default parquet)")
+    _add_source_args(p)
+    _add_model_stage_args(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("evaluate", help="Table-4-style report, confusion matrix and misclassified gallery on a labelled manifest")
+    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint directory; repeat to compare several (Table 4)")
+    p.add_argument("--manifest", required=True, help="labelled LCID-format manifest")
+    p.add_argument("--blurry", default=None, help="manifest of the blurry subset (the paper's LCID-Blurry), reported on its own")
+    p.add_argument("--out", required=True, help="report folder")
+    _add_source_args(p)
+    _add_model_stage_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="real-time classification: POST FITS files to /classify on Ray Serve")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-body-mb", type=float, default=200.0, help="largest request body accepted (default 200 MiB)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="train a model data-parallel with Ray Train (same as jobs/train.py)")
     add_train_args(p)

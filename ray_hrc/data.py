@@ -10,22 +10,25 @@ Error rows travel in the same dataset so that no failure is lost: consumers spli
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import ray
 from ray.data.expressions import col
 
 from ray_hrc.chips import META_FIELDS, Chip, ChipMeta, read_fits
 from ray_hrc.manifest import DEFAULT_TEMPLATE, SourceOptions, resolve_sources
+from ray_hrc.preprocess import NormConfig, preprocess_row
 
 logger = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ["body", "label_true"]
 ERROR_COLUMNS = ["error_class", "error"]
 PIXEL_COLUMNS = ["pixels", "amp_bias"]
-ROW_COLUMNS = META_FIELDS + LABEL_COLUMNS + ERROR_COLUMNS + PIXEL_COLUMNS
+ROW_COLUMNS = META_FIELDS + LABEL_COLUMNS + ERROR_COLUMNS + ["n_in_file", "read_ms"] + PIXEL_COLUMNS
 _NO_PIXELS = np.zeros((0, 0), np.uint16)
 
 
@@ -50,12 +53,27 @@ class ReadConfig:
         return asdict(self)
 
 
-def chip_rows(file: dict[str, Any], storage_options: dict | None = None) -> list[dict[str, Any]]:
-    """Read one file (a row of `resolve_sources`) into chip rows and error rows. Never raises for bad input."""
+def chip_rows(
+    file: dict[str, Any], storage_options: dict | None = None, norm: NormConfig | None = None, data: bytes | None = None
+) -> list[dict[str, Any]]:
+    """Read one file (a row of `resolve_sources`) into chip rows and error rows. Never raises for bad input.
+
+    ``n_in_file`` is how many records the file gave (before ``skip_hdus``), so a resumed run knows when a file is
+    complete; ``read_ms`` is the file's read-and-crop time shared among its chips. HDUs in ``skip_hdus`` (chips a
+    previous run already catalogued) are dropped. With `norm`, rows carry the normalised ``image`` instead of
+    ``pixels`` (`ray_hrc.preprocess.preprocess_row`), so normalisation runs in the same CPU task as the read.
+    With `data`, the file's bytes are read instead of ``file["uri"]``, which then only names them (Serve).
+    """
     uri, hdus = file["uri"], [int(h) for h in file.get("hdus") or []]
     known = {h: (lab, body) for h, lab, body in zip(hdus, file.get("labels") or [], file.get("bodies") or [], strict=False)}
+    skip = {int(h) for h in file.get("skip_hdus") or []}
+    t0 = time.perf_counter()
+    records = read_fits(uri if data is None else data, uri=uri, hdus=hdus or None, storage_options=storage_options)
+    read_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(records))
     out = []
-    for record in read_fits(uri, hdus=hdus or None, storage_options=storage_options):
+    for record in records:
+        if (record.meta.hdu if isinstance(record, Chip) else record.hdu) in skip:
+            continue
         label, body = known.get(record.meta.hdu if isinstance(record, Chip) else record.hdu, ("", ""))
         if isinstance(record, Chip):
             row = record.to_row()
@@ -65,18 +83,23 @@ def chip_rows(file: dict[str, Any], storage_options: dict | None = None) -> list
             row = {**meta, "body": body, "label_true": label, "error_class": record.error_class, "error": record.message}
             row.update(pixels=_NO_PIXELS, amp_bias=np.zeros(0, np.float32))
             logger.warning("%s", record.message)
-        out.append(row)
+        row.update(n_in_file=len(records), read_ms=read_ms)
+        out.append(preprocess_row(row, norm) if norm is not None else row)
     return out
 
 
-def read_chips(source: list[str] | str, config: ReadConfig = ReadConfig()) -> ray.data.Dataset:
+def read_chips(
+    source: list[str] | str | pd.DataFrame, config: ReadConfig = ReadConfig(), norm: NormConfig | None = None
+) -> ray.data.Dataset:
     """A Ray Dataset of chip rows (good and error rows, see the module docstring) from any source.
 
-    source: manifest CSV(s), FITS paths or URIs, folders, prefixes or globs, local or ``s3://``.
+    source: manifest CSV(s), FITS paths or URIs, folders, prefixes or globs, local or ``s3://``; or a table of
+    files as `resolve_sources` returns it (optionally with ``skip_hdus`` per file).
     Files are listed once on the driver (or taken from the manifest as they are) and each file is read by
-    its own task: nothing is fetched or stat-ed per file on the driver.
+    its own task: nothing is fetched or stat-ed per file on the driver. With `norm`, chips are also normalised
+    in that task (rows carry ``image`` instead of ``pixels``; see `chip_rows`).
     """
-    files = resolve_sources(source, config.source_options())
+    files = source if isinstance(source, pd.DataFrame) else resolve_sources(source, config.source_options())
     if files.empty:
         raise FileNotFoundError(f"no FITS file found in {source}; expected a manifest (.csv), FITS files, a folder, a prefix or a glob")
     logger.info("reading %d file(s)", len(files))
@@ -84,10 +107,10 @@ def read_chips(source: list[str] | str, config: ReadConfig = ReadConfig()) -> ra
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.flat_map(
         chip_rows,
-        fn_kwargs={"storage_options": config.storage_options or None},
+        fn_kwargs={"storage_options": config.storage_options or None, "norm": norm},
         num_cpus=config.num_cpus,
         concurrency=config.concurrency,
-        max_retries=config.max_retries,
+        ray_remote_args_fn=lambda: {"max_retries": config.max_retries},
     )
 
 

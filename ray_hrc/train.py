@@ -275,7 +275,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 @dataclass
 class TrainOutcome:
     run_dir: str
-    best_checkpoint: str  # URI of the best checkpoint's directory
+    best_checkpoint: str  # URI of the best checkpoint's directory (a copy at <run_dir>/best)
     best_metrics: dict
     history: list[dict]
 
@@ -386,10 +386,14 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     state = load_checkpoint(_uri(best, storage), cfg.data.read.storage_options or None)
     latest = load_checkpoint(_uri(result.checkpoint, storage), cfg.data.read.storage_options or None) if result.checkpoint else state
     history = latest.get("history", [])
+    best_dir = f"{run_dir}/best"  # a stable name for the best checkpoint (Ray's epoch_NNN folders rotate)
+    if fs.exists(f"{root}/best"):
+        fs.rm(f"{root}/best", recursive=True)
+    fs.copy(fsspec.core.url_to_fs(_uri(best, storage))[1], f"{root}/best", recursive=True)
     write_run_report(run_dir, history, cfg)
     if cfg.run.mlflow_tracking_uri:
         log_to_mlflow(cfg, history)
-    return TrainOutcome(run_dir=run_dir, best_checkpoint=_uri(best, storage), best_metrics=state["metrics"], history=history)
+    return TrainOutcome(run_dir=run_dir, best_checkpoint=best_dir, best_metrics=state["metrics"], history=history)
 
 
 def write_run_report(run_dir: str, history: list[dict], cfg: JobConfig) -> None:

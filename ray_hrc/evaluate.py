@@ -1,0 +1,140 @@
+"""`ray-hrc evaluate`: Table-4-style reports (accuracy, F1 per class, ms per chip), confusion matrices (Figure 3) and
+a gallery of misclassified chips (Figure 4), for one checkpoint or a comparison of several.
+
+Evaluation classifies the labelled manifest with the same pipeline as `ray-hrc classify` (so its timings are the
+pipeline's own), then scores the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from ray_hrc.checkpoint import CLASS_NAMES
+from ray_hrc.classify import ClassifyConfig, classify_archive
+from ray_hrc.data import ReadConfig
+from ray_hrc.manifest import read_manifest
+from ray_hrc.train import classification_metrics, confusion_matrix
+
+logger = logging.getLogger(__name__)
+
+TABLE_HEADER = "| Model | Data set | Chips | Accuracy | F1 (Galaxy) | F1 (NSC) | Preprocessing (ms/chip) | Classification (ms/chip) | Total (ms/chip) |"
+
+
+def score(catalog: pd.DataFrame) -> dict[str, Any]:
+    """Metrics of a catalog with ``label_true``: the paper's accuracy and F1 per class, plus mean timings."""
+    labelled = catalog[catalog["label_true"].isin(CLASS_NAMES)]
+    index = {name: i for i, name in enumerate(CLASS_NAMES)}
+    confusion = confusion_matrix(labelled["label_true"].map(index).to_numpy(), labelled["label"].map(index).to_numpy())
+    pre = float(np.mean(labelled["preprocess_ms"])) if len(labelled) else float("nan")
+    cls = float(np.mean(labelled["classify_ms"])) if len(labelled) else float("nan")
+    return {
+        "chips": int(len(labelled)),
+        **classification_metrics(confusion),
+        "confusion": confusion.tolist(),
+        "preprocess_ms": pre,
+        "classify_ms": cls,
+        "total_ms": pre + cls,
+    }
+
+
+def table_row(name: str, dataset: str, m: dict[str, Any]) -> str:
+    return (
+        f"| {name} | {dataset} | {m['chips']} | {100 * m['accuracy']:.2f}% | {100 * m['f1_galaxy']:.2f}% | {100 * m['f1_nsc']:.2f}% | "
+        f"{m['preprocess_ms']:.1f} | {m['classify_ms']:.1f} | {m['total_ms']:.1f} |"
+    )
+
+
+def misclassified_gallery(catalog: pd.DataFrame, path: Path, read: ReadConfig, limit: int = 12) -> Path | None:
+    """Figure 4: thumbnails of wrongly labelled chips with true and predicted labels and probabilities."""
+    from ray_hrc.chips import Chip, read_fits
+    from ray_hrc.plots import chip_gallery, thumbnail
+
+    wrong = catalog[(catalog["label_true"].isin(CLASS_NAMES)) & (catalog["label"] != catalog["label_true"])]
+    if wrong.empty:
+        return None
+    thumbs, titles = [], []
+    for _, row in wrong.head(limit).iterrows():
+        (chip,) = read_fits(row["uri"], hdus=[int(row["hdu"])], storage_options=read.storage_options or None)
+        if not isinstance(chip, Chip):
+            continue
+        thumbs.append(thumbnail(chip.pixels, chip.amp_bias))
+        body = f"{row['body']} " if row.get("body") else ""
+        titles.append(
+            f"{body}{row['obsid']} HDU {row['hdu']}\ntrue {row['label_true']}, predicted {row['label']} (p_galaxy {row['p_galaxy']:.2f})"
+        )
+    return chip_gallery(thumbs, titles, path, suptitle=f"{len(wrong)} misclassified chips (first {len(thumbs)})")
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    manifest: str,
+    out: str,
+    *,
+    read: ReadConfig = ReadConfig(),
+    config: ClassifyConfig = ClassifyConfig(),
+    blurry: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Classify a labelled manifest and write ``metrics.json``, ``metrics.md``, ``confusion.png`` and ``misclassified.png``."""
+    from ray_hrc.checkpoint import load_checkpoint
+    from ray_hrc.plots import confusion_plot
+
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(checkpoint, read.storage_options or None)
+    resize = (state.get("preprocess") or {}).get("resize")
+    dataset = "LCID-Resize" if resize else "LCID"
+    name = state["model_name"]
+    summary = classify_archive([manifest], checkpoint, str(out_path / "catalog"), read=read, config=config, overwrite=overwrite)
+    catalog = pd.read_parquet(summary["catalog"]) if config.format == "parquet" else _read_any(summary["catalog"], config.format)
+    metrics: dict[str, Any] = {
+        "model": name,
+        "dataset": dataset,
+        "checkpoint": checkpoint,
+        "weights": state.get("weights_hash", ""),
+        **score(catalog),
+    }
+    metrics["failed_chips"] = summary["failed"]
+    rows = [table_row(name, dataset, metrics)]
+    confusion_plot(
+        metrics["confusion"], CLASS_NAMES, out_path / "confusion.png", title=f"{name} on {dataset}: {100 * metrics['accuracy']:.1f}%"
+    )
+    if blurry:
+        keys = read_manifest(blurry, template=read.template, storage_options=read.storage_options or None)
+        subset = catalog.merge(keys[["URI", "HDU Index"]].rename(columns={"URI": "uri", "HDU Index": "hdu"}), on=["uri", "hdu"])
+        metrics["blurry"] = score(subset)
+        rows.append(table_row(name, f"{dataset}-Blurry", metrics["blurry"]))
+        confusion_plot(metrics["blurry"]["confusion"], CLASS_NAMES, out_path / "confusion_blurry.png", title=f"{name} on blurry chips")
+    misclassified_gallery(catalog, out_path / "misclassified.png", read)
+    (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_path / "metrics.md").write_text("\n".join([TABLE_HEADER, "|" + "---|" * 9, *rows]) + "\n")
+    return metrics
+
+
+def _read_any(path: str, fmt: str) -> pd.DataFrame:
+    if fmt == "csv":
+        with fsspec.open(path) as fh:
+            return pd.read_csv(fh, keep_default_na=False)
+    from astropy.table import Table
+
+    return Table.read(path, format="fits" if fmt == "fits" else "votable").to_pandas()
+
+
+def compare(checkpoints: list[str], manifest: str, out: str, **kwargs: Any) -> str:
+    """Evaluate several checkpoints on one manifest; write ``table4.md`` (the paper's Table 4 layout) and return it."""
+    rows = []
+    for i, checkpoint in enumerate(checkpoints):
+        metrics = evaluate_checkpoint(checkpoint, manifest, str(Path(out) / f"model_{i + 1}"), **kwargs)
+        rows.append(table_row(metrics["model"], metrics["dataset"], metrics))
+        if "blurry" in metrics:
+            rows.append(table_row(metrics["model"], f"{metrics['dataset']}-Blurry", metrics["blurry"]))
+    text = "\n".join([TABLE_HEADER, "|" + "---|" * 9, *rows]) + "\n"
+    Path(out, "table4.md").write_text(text)
+    return text
