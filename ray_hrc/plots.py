@@ -21,7 +21,7 @@ THUMB_SHAPE = (256, 512)
 
 def thumbnail(pixels: np.ndarray, amp_bias: np.ndarray | None = None, shape: tuple[int, int] = THUMB_SHAPE) -> np.ndarray:
     """A display-sized view of a chip with the same normalisation the model sees; float32 (rows, cols) in [0, 1]."""
-    return resize(normalise(pixels, amp_bias, NormConfig()), shape)
+    return resize(normalise(pixels, amp_bias, NormConfig()).astype(np.float32), shape)
 
 
 def chip_gallery(thumbs: Sequence[np.ndarray], titles: Sequence[str], path: str | Path, *, columns: int = 3, suptitle: str = "") -> Path:
@@ -29,7 +29,7 @@ def chip_gallery(thumbs: Sequence[np.ndarray], titles: Sequence[str], path: str 
     n = max(1, len(thumbs))
     columns = min(columns, n)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, thumbs, titles, strict=False):

@@ -74,7 +74,7 @@ def batch_to_tensors(
     """
     images = []
     for pixels, bias in zip(batch["pixels"], batch["amp_bias"], strict=True):
-        image = normalise(pixels, bias, norm)
+        image = normalise(pixels, bias, norm).astype(np.float32)
         if aug is not None and aug.enabled:
             image = augment(image, aug, rng or np.random.default_rng())
         images.append(image)

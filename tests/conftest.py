@@ -64,3 +64,29 @@ def s3_bucket(s3_server):
     client.create_bucket(Bucket=name)
     yield f"s3://{name}", s3_server
     s3fs.S3FileSystem(**s3_server).rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory):
+    """A synthetic archive of 4 bodies (both classes, both instruments): its manifest path."""
+    from ray_hrc.synth import synthesize_archive
+
+    return synthesize_archive(tmp_path_factory.mktemp("tiny_archive"), bodies=4, seed=1, workers=2)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """A real checkpoint of a narrow HR-CelestialNet with seeded random weights (for pipeline tests, not accuracy)."""
+    import torch
+
+    from ray_hrc.checkpoint import save_checkpoint
+    from ray_hrc.models import build_model
+    from ray_hrc.preprocess import NormConfig
+
+    torch.manual_seed(0)
+    args = {"width": 0.0625, "input_shape": [2048, 4096]}
+    model = build_model("hrcelestialnet", **args)
+    directory = tmp_path_factory.mktemp("checkpoint")
+    save_checkpoint(str(directory), {"model_name": "hrcelestialnet", "model_args": args, "model_state": model.state_dict(),
+                                     "epoch": 0, "preprocess": NormConfig().to_dict()})  # fmt: skip
+    return str(directory)

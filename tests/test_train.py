@@ -1,0 +1,72 @@
+"""Training pieces without Ray: metrics, labels, augmentation, configs (every shipped YAML), resource sizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ray_hrc.config import AugmentConfig, ConfigError, load_config
+from ray_hrc.models import build_model
+from ray_hrc.train import augment, classification_metrics, confusion_matrix, label_index
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+
+
+def test_metrics_match_the_papers_equations():
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    y_pred = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0])
+    cm = confusion_matrix(y_true, y_pred)
+    assert cm.tolist() == [[3, 1], [2, 4]]
+    m = classification_metrics(cm)
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["f1_galaxy"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))  # precision 3/5, recall 3/4
+    assert m["f1_nsc"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+
+
+def test_labels():
+    assert label_index(np.array(["galaxy", "NSC", "galaxy"])).tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="'star' is not one of"):
+        label_index(np.array(["star"]))
+
+
+def test_augment_keeps_shape():
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 128), dtype=np.float32)
+    cfg = AugmentConfig(flips=True, blur_prob=1.0, noise_prob=1.0)
+    out = augment(image, cfg, rng)
+    assert out.shape == image.shape and out.dtype == np.float32 and not np.array_equal(out, image)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, **cfg.model.kwargs)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert cfg.train.batch_size % cfg.scaling.num_workers == 0
+    if "paper" in path.parts:
+        assert (cfg.train.batch_size, cfg.train.optimizer, cfg.train.lr, cfg.train.epochs) == (4, "sgd", 1e-4, 20)
+        assert not cfg.augment.enabled
+        assert (cfg.preprocess.resize is not None) == ("resize" in path.name)
+
+
+def test_paper_configs_cover_table_4():
+    names = {p.stem for p in CONFIGS if "paper" in p.parts}
+    assert names == {f"{m}_lcid" for m in ("hrcelestialnet", "alexnet", "vgg", "resnet")} | {
+        f"{m}_lcid_resize" for m in ("alexnet", "vgg", "resnet")
+    }
+
+
+def test_config_errors_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\] in train; known keys are"):
+        load_config(path)
+    path.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.lr=0.01", "model.kwargs={width: 0.5}", "preprocess.resize=[224, 448]"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.kwargs, cfg.preprocess.resize) == (3, 0.01, {"width": 0.5}, (224, 448))
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(path, ["train.lr"])
