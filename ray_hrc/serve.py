@@ -126,11 +126,17 @@ class ClassifierDeployment:
 def build_app(args: dict) -> serve.Application:
     """Application builder for ``serve run`` / ``serve deploy`` (``import_path: ray_hrc.serve:build_app``).
 
-    args: ``checkpoint`` (required), ``max_body_mb`` (default 200), ``device`` ("auto"), ``storage_options``.
+    args: ``checkpoint`` (required), ``max_body_mb`` (default 200), ``device`` ("auto"), ``storage_options``, and
+    ``num_cpus``/``num_gpus`` per replica (otherwise the deployment's defaults or the config file's ray_actor_options).
     """
     if "checkpoint" not in args:
         raise ValueError("the Serve application needs args.checkpoint: a checkpoint directory (local or s3://)")
-    return ClassifierDeployment.bind(
+    deployment = ClassifierDeployment
+    if "num_cpus" in args or "num_gpus" in args:
+        deployment = deployment.options(
+            ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))}
+        )
+    return deployment.bind(
         checkpoint=args["checkpoint"],
         max_body_mb=float(args.get("max_body_mb", DEFAULT_MAX_BODY_MB)),
         device=args.get("device", "auto"),
@@ -139,13 +145,24 @@ def build_app(args: dict) -> serve.Application:
 
 
 def run_server(
-    checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_body_mb: float = DEFAULT_MAX_BODY_MB, blocking: bool = True
+    checkpoint: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    blocking: bool = True,
 ) -> str:
-    """Start Serve on `host`:`port` with the classifier at ``/``; returns the base URL (blocks until Ctrl-C if `blocking`)."""
+    """Start Serve on `host`:`port` with the classifier at ``/``; returns the base URL (blocks until Ctrl-C if `blocking`).
+
+    num_cpus/num_gpus: resources per replica.
+    """
     import time
 
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app({"checkpoint": checkpoint, "max_body_mb": max_body_mb}), name="ray_hrc", route_prefix="/")
+    app = build_app({"checkpoint": checkpoint, "max_body_mb": max_body_mb, "num_cpus": num_cpus, "num_gpus": num_gpus})
+    serve.run(app, name="ray_hrc", route_prefix="/")
     url = f"http://{host}:{port}"
     logger.info("classifier ready: POST a FITS file to %s/classify", url)
     if blocking:

@@ -11,7 +11,8 @@ import pytest
 import requests
 from rawfits import write_file
 
-from ray_hrc.classify import classify_archive
+from ray_hrc.classify import ClassifyConfig, classify_archive
+from ray_hrc.data import ReadConfig
 from ray_hrc.manifest import read_manifest
 
 pytestmark = pytest.mark.timeout(600)
@@ -27,7 +28,8 @@ def server(ray_session, random_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = run_server(random_checkpoint, port=port, max_body_mb=LIMIT_MB, blocking=False)
+    # half a CPU per replica leaves the session's 2 CPUs room for the batch pipeline this module compares against
+    url = run_server(random_checkpoint, port=port, max_body_mb=LIMIT_MB, num_cpus=0.5, blocking=False)
     yield url
     serve.shutdown()
 
@@ -53,7 +55,8 @@ def test_serve_equals_batch_classification(server, tiny_archive, random_checkpoi
     answer = requests.post(f"{server}/classify", data=open(uri, "rb").read(), timeout=120)
     assert answer.status_code == 200, answer.text
     chips = pd.DataFrame(answer.json()["chips"]).sort_values("hdu").reset_index(drop=True)
-    summary = classify_archive([uri], random_checkpoint, str(tmp_path / "cat"))
+    read, model_stage = ReadConfig(num_cpus=0.5), ClassifyConfig(cpus_per_actor=0.5, max_actors=1)
+    summary = classify_archive([uri], random_checkpoint, str(tmp_path / "cat"), read=read, config=model_stage)
     catalog = pd.read_parquet(summary["catalog"]).sort_values("hdu").reset_index(drop=True)
     assert chips["hdu"].tolist() == catalog["hdu"].tolist() == [1, 4]
     np.testing.assert_allclose(chips["p_galaxy"], catalog["p_galaxy"], rtol=1e-6, atol=1e-7)
