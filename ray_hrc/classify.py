@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
@@ -49,6 +49,25 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format is {self.format!r}; expected one of {sorted(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ClassifyJobConfig:
+    """A classification config file: what each stage asks of the cluster (configs/classify_cluster.yaml)."""
+
+    read: ReadConfig = field(default_factory=ReadConfig)
+    model_stage: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+
+def load_classify_config(path: str | None) -> ClassifyJobConfig:
+    from pathlib import Path
+
+    import yaml
+
+    from ray_hrc.config import _build
+
+    tree = yaml.safe_load(Path(path).read_text()) if path else {}
+    return _build(ClassifyJobConfig, tree or {}, "")
 
 
 def _join(root: str, name: str) -> str:
@@ -140,27 +159,15 @@ def classify_archive(
     if overwrite and fs.exists(root):
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
-    parts_root, parts_uri = _join(root, PARTS), _join(out, PARTS)
+    parts_root = _join(root, PARTS)
     state = load_checkpoint(checkpoint, opts)
     norm = norm_from_checkpoint(state)
     done_before = load_parts(fs, parts_root)
     files = plan_resume(resolve_sources(sources, read.source_options()), done_before)
     logger.info("%d file(s) to classify; %d chip(s) already catalogued in %s", len(files), len(done_before), out)
     if len(files):
-        gpu = _use_gpu(config)
-        ds = read_chips(files, read, norm=norm).map_batches(
-            ChipClassifier,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if gpu else "cpu", "storage_options": opts},
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-            num_gpus=config.gpus_per_actor if gpu else 0,
-            num_cpus=config.cpus_per_actor,
-        )
-        if "://" in out:
-            ds.write_parquet(parts_uri.split("://", 1)[1], filesystem=_arrow_fs(out, opts))
-        else:
-            ds.write_parquet(parts_uri)
+        _run_pipeline(files, checkpoint, out, norm, read, config, opts)
+        _record_lost_files(files, fs, parts_root, read.max_retries)
     rows = load_parts(fs, parts_root)
     new = len(rows) - len(done_before)
     summary = consolidate(rows, out, config.format, opts)
@@ -169,6 +176,50 @@ def classify_archive(
     with fs.open(_join(root, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
+
+
+def _run_pipeline(
+    files: pd.DataFrame, checkpoint: str, out: str, norm, read: ReadConfig, config: ClassifyConfig, opts: dict | None
+) -> None:
+    """read + crop + normalise (CPU tasks) -> model (actor pool) -> Parquet parts under ``out/_parts``, streaming."""
+    gpu = _use_gpu(config)
+    ds = read_chips(files, read, norm=norm).map_batches(
+        ChipClassifier,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if gpu else "cpu", "storage_options": opts},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        num_gpus=config.gpus_per_actor if gpu else 0,
+        num_cpus=config.cpus_per_actor,
+    )
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1  # a file whose task dies on every retry becomes an error row (below), not a failed run
+    try:
+        parts = _join(out, PARTS)
+        if "://" in out:
+            ds.write_parquet(parts.split("://", 1)[1], filesystem=_arrow_fs(out, opts))
+        else:
+            ds.write_parquet(parts)
+    finally:
+        ctx.max_errored_blocks = saved
+
+
+def _record_lost_files(files: pd.DataFrame, fs, parts_root: str, attempts: int) -> None:
+    """Files that left no row at all (their task kept dying: a poisoned file, a lost node) become error rows."""
+    seen = set(load_parts(fs, parts_root)["uri"])
+    lost = [u for u in files["uri"] if u not in seen]
+    if not lost:
+        return
+    rows = []
+    for uri, hdus in zip(files["uri"], files["hdus"], strict=True):
+        if uri in lost:
+            for hdu in hdus or [-1]:
+                rows.append({"uri": uri, "hdu": int(hdu), "obsid": "", "n_in_file": 0, "error_class": "unreadable",
+                             "error": f"{uri}: the read/classify task failed {attempts + 1} times (a worker died); recorded as an error"})  # fmt: skip
+    logger.error("%d file(s) could not be processed after retries; see the errors table", len(lost))
+    with fs.open(f"{parts_root}/lost-{int(time.time() * 1e3)}.parquet", "wb") as fh:
+        pd.DataFrame(rows).to_parquet(fh, index=False)
 
 
 def _arrow_fs(uri: str, storage_options: dict | None):

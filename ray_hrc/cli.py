@@ -22,7 +22,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--anon", action="store_true", help="anonymous S3 reads (MAST's public bucket s3://stpubdata allows them)")
     g.add_argument("--s3-endpoint", default=None, help="S3-protocol endpoint URL (MinIO, a local test server, ...)")
-    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per read task (default 1)")
+    g.add_argument("--num-cpus", type=float, default=None, help="CPUs per read task (default 1)")
     g.add_argument("--concurrency", type=int, default=None, help="at most this many read tasks at once (default: Ray Data decides)")
     g.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
@@ -36,13 +36,21 @@ def storage_options_from_args(args: argparse.Namespace) -> dict:
     return opts
 
 
-def read_config_from_args(args: argparse.Namespace):
+def read_config_from_args(args: argparse.Namespace, base=None):
+    """The read stage's config: `base` (from a config file) or the defaults, with the flags given on top."""
+    from dataclasses import replace
+
     from ray_hrc.data import ReadConfig
 
-    template = TEMPLATES.get(args.template, args.template)
-    return ReadConfig(
-        template=template, storage_options=storage_options_from_args(args), num_cpus=args.num_cpus, concurrency=args.concurrency
-    )
+    cfg = base or ReadConfig()
+    changes = {"storage_options": {**(cfg.storage_options or {}), **storage_options_from_args(args)}}
+    if args.template != DEFAULT_TEMPLATE or base is None:
+        changes["template"] = TEMPLATES.get(args.template, args.template)
+    if args.num_cpus is not None:
+        changes["num_cpus"] = args.num_cpus
+    if args.concurrency is not None:
+        changes["concurrency"] = args.concurrency
+    return replace(cfg, **changes)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -111,16 +119,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classify_config(args: argparse.Namespace):
-    from ray_hrc.classify import ClassifyConfig
+def _classify_configs(args: argparse.Namespace):
+    """(ReadConfig, ClassifyConfig) from --config (if any) with the flags given on top."""
+    from dataclasses import replace
 
-    return ClassifyConfig(
-        batch_size=args.batch_size,
-        min_actors=args.min_actors,
-        max_actors=args.max_actors,
-        use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
-        format=getattr(args, "format", "parquet"),
-    )
+    from ray_hrc.classify import load_classify_config
+
+    job = load_classify_config(args.config)
+    changes = {}
+    for flag, key in (("batch_size", "batch_size"), ("min_actors", "min_actors"), ("max_actors", "max_actors"), ("format", "format")):
+        if getattr(args, flag, None) is not None:
+            changes[key] = getattr(args, flag)
+    if args.gpu is not None:
+        changes["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
+    return read_config_from_args(args, job.read if args.config else None), replace(job.model_stage, **changes)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -128,9 +140,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from ray_hrc.runtime import init_ray
 
     init_ray(args.address)
-    summary = classify_archive(
-        args.input, args.checkpoint, args.out, read=read_config_from_args(args), config=_classify_config(args), overwrite=args.overwrite
-    )
+    read, model_stage = _classify_configs(args)
+    summary = classify_archive(args.input, args.checkpoint, args.out, read=read, config=model_stage, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     print(
         f"{summary['chips']} chips catalogued ({summary['new_chips']} new, {summary['failed']} failed) by label {summary['by_label']}; "
@@ -144,7 +155,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_hrc.runtime import init_ray
 
     init_ray(args.address)
-    kwargs = dict(read=read_config_from_args(args), config=_classify_config(args), blurry=args.blurry)
+    read, model_stage = _classify_configs(args)
+    kwargs = dict(read=read, config=model_stage, blurry=args.blurry)
     if len(args.checkpoint) == 1:
         metrics = evaluate_checkpoint(args.checkpoint[0], args.manifest, args.out, overwrite=args.overwrite, **kwargs)
         print(open(f"{args.out}/metrics.md").read())
@@ -165,10 +177,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_model_stage_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model stage")
-    g.add_argument("--batch-size", type=int, default=4, help="chips per model call (default 4)")
-    g.add_argument("--min-actors", type=int, default=1, help="model actor pool lower bound (default 1)")
+    g.add_argument("--config", default=None, help="YAML with read: and model_stage: sections (e.g. configs/classify_cluster.yaml)")
+    g.add_argument("--batch-size", type=int, default=None, help="chips per model call (default 4)")
+    g.add_argument("--min-actors", type=int, default=None, help="model actor pool lower bound (default 1)")
     g.add_argument("--max-actors", type=int, default=None, help="model actor pool upper bound (default: autoscale as resources allow)")
-    g.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="model actors on GPUs (auto: when the cluster has any)")
+    g.add_argument(
+        "--gpu", choices=["auto", "yes", "no"], default=None, help="model actors on GPUs (default auto: when the cluster has any)"
+    )
     g.add_argument("--overwrite", action="store_true", help="start over instead of resuming in --out")
 
 
@@ -204,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", required=True, help="manifest CSV(s), FITS paths/URIs, folders, prefixes or globs (local or s3://)"
     )
     p.add_argument("--out", required=True, help="output folder (local or s3://): catalog.<fmt>, errors.<fmt>, summary.json")
-    p.add_argument("--format", choices=["parquet", "csv", "fits", "votable"], default="parquet", help="catalog format (default parquet)")
+    p.add_argument("--format", choices=["parquet", "csv", "fits", "votable"], default=None, help="catalog format (default parquet)")
     _add_source_args(p)
     _add_model_stage_args(p)
     p.set_defaults(func=cmd_classify)

@@ -31,7 +31,9 @@ def ray_head(tmp_path):
            "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    from test_cluster import _kill_processes_under  # `ray stop` would also stop the test session's Ray
+
+    _kill_processes_under(str(temp))
 
 
 def test_ray_job_submit_trains_smoke_config(ray_head, tmp_path):

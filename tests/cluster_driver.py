@@ -1,0 +1,75 @@
+"""Drivers for the multi-node tests. Each runs in its own process (`python tests/cluster_driver.py MODE ...`) so it
+never touches the test session's Ray, and prints one JSON line with what it saw."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from ray_hrc.classify import ClassifyConfig, classify_archive
+from ray_hrc.data import ReadConfig
+
+
+def _alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
+def autoscale(address: str, manifest: str, checkpoint: str, out: str) -> dict:
+    """Join an autoscaling cluster whose head has no CPU; classification's requests must bring up workers."""
+    ray.init(address=address)
+    before = _alive_nodes()
+    peak, stop = [before], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak.append(_alive_nodes())
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    summary = classify_archive(
+        [manifest], checkpoint, out, read=ReadConfig(num_cpus=1), config=ClassifyConfig(cpus_per_actor=1, max_actors=1, use_gpu=False)
+    )
+    stop.set()
+    return {"nodes_before": before, "nodes_peak": max(peak), "summary": summary}
+
+
+def node_loss(manifest: str, checkpoint: str, out: str) -> dict:
+    """Three nodes on one machine; one worker node dies once the first chips are catalogued and a replacement joins
+    (as an autoscaler would add one). Classification runs in a thread: node handling needs the main thread."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    result: dict = {}
+
+    def run():
+        config = ClassifyConfig(cpus_per_actor=1, max_actors=1, use_gpu=False)
+        result["summary"] = classify_archive([manifest], checkpoint, out, read=ReadConfig(num_cpus=1), config=config)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    parts, removed = Path(out) / "_parts", False
+    deadline = time.time() + 400
+    while worker.is_alive() and time.time() < deadline and not removed:
+        if parts.exists() and any(p.suffix == ".parquet" for p in parts.iterdir()):
+            cluster.remove_node(workers[0], allow_graceful=False)
+            removed = True
+            cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20)
+        time.sleep(0.2)
+    worker.join()
+    ray.shutdown()
+    cluster.shutdown()
+    return {"removed": removed, **result}
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    result = {"autoscale": autoscale, "node_loss": node_loss}[mode](*args)
+    print("RESULT " + json.dumps(result, default=str))
