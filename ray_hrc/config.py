@@ -59,6 +59,7 @@ class TrainConfig:
     batch_size: int = 4  # GLOBAL batch size (the paper: 4); each worker gets batch_size / num_workers
     optimizer: str = "sgd"  # "sgd" (the paper) or "adamw"
     lr: float = 1e-4  # the paper: 1e-4
+    lr_schedule: str = "constant"  # "constant" (the paper) or "cosine" (annealed to 0 over the epochs, per step)
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
     seed: int = 0

@@ -14,7 +14,7 @@ import tempfile
 import time
 import zlib
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -194,6 +194,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     else:
         raise ConfigError(f"train.optimizer is {cfg.train.optimizer!r}; expected 'sgd' or 'adamw'")
+    scheduler = None
+    if cfg.train.lr_schedule == "cosine":
+        steps = max(1, cfg.train.epochs * loop_config.get("steps_per_epoch", 1))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    elif cfg.train.lr_schedule != "constant":
+        raise ConfigError(f"train.lr_schedule is {cfg.train.lr_schedule!r}; expected 'constant' or 'cosine'")
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
@@ -204,6 +210,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = load_checkpoint(d)
         module.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
+        if scheduler is not None and state.get("scheduler_state"):
+            scheduler.load_state_dict(state["scheduler_state"])
         start_epoch, history = state["epoch"] + 1, state.get("history", [])
         best = max((h["accuracy"] for h in history), default=-1.0)
         if rank == 0 and "rng_state" in state:
@@ -224,6 +232,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ):
             x, y = batch_to_tensors(batch, cfg.preprocess, cfg.augment, rng)
             loss_sum += train_step(model, optimizer, x.to(device, memory_format=memory_format), y.to(device), autocast) * len(y)
+            if scheduler is not None:
+                scheduler.step()
             n_chips += len(y)
             steps += 1
         train_s = time.perf_counter() - t0
@@ -254,6 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "model_args": model_args,
                         "model_state": module.state_dict(),
                         "optimizer_state": optimizer.state_dict(),
+                        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
                         "epoch": epoch,
                         "rng_state": _rng_state(),
                         "preprocess": cfg.preprocess.to_dict(),
@@ -340,6 +351,13 @@ def check_resources(cfg: JobConfig) -> None:
         )
 
 
+def _steps_per_epoch(train_csv: str, cfg: JobConfig) -> int:
+    """Optimizer steps per epoch on each worker (for LR schedules): chips / workers / per-worker batch, rounded up."""
+    chips = len(read_manifest(train_csv, template=cfg.data.read.template, storage_options=cfg.data.read.storage_options or None))
+    per_worker = cfg.train.batch_size // cfg.scaling.num_workers
+    return max(1, -(-(chips // cfg.scaling.num_workers) // per_worker))
+
+
 def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     """Train as `cfg` says and return where the best checkpoint is. Ray must be initialised (`init_ray`)."""
     from ray.train.torch import TorchTrainer
@@ -355,11 +373,10 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
         train_csv, test_csv = f"{run_dir}/train.csv", f"{run_dir}/test.csv"
     else:
         train_csv, test_csv = prepare_manifests(cfg, run_dir)
-    read = replace(cfg.data.read, template=cfg.data.read.template)
-    datasets = {"train": good_chips(read_chips(train_csv, read)), "test": good_chips(read_chips(test_csv, read))}
+    datasets = {"train": good_chips(read_chips(train_csv, cfg.data.read)), "test": good_chips(read_chips(test_csv, cfg.data.read))}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict()},
+        train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": _steps_per_epoch(train_csv, cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
