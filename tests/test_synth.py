@@ -199,7 +199,7 @@ def test_manifest_is_in_the_published_lcid_format(archive, manifest, chip_stats)
         assert (meta.ra, meta.dec) == (pytest.approx(row.RA, abs=1e-5), pytest.approx(row.DEC, abs=1e-5))
     blurry = pd.read_csv(archive.parent / synth.BLURRY_NAME, index_col=0)
     assert list(blurry.columns) == COLUMNS
-    assert set(zip(blurry["OBSID"], blurry["HDU Index"])) <= set(zip(manifest["OBSID"], manifest["HDU Index"]))
+    assert set(zip(blurry["OBSID"], blurry["HDU Index"], strict=True)) <= set(zip(manifest["OBSID"], manifest["HDU Index"], strict=True))
 
 
 def test_the_project_manifest_reader_resolves_the_uris(archive, manifest):
