@@ -29,9 +29,11 @@ TABLE_HEADER = "| Model | Data set | Chips | Accuracy | F1 (Galaxy) | F1 (NSC) |
 
 def score(catalog: pd.DataFrame) -> dict[str, Any]:
     """Metrics of a catalog with ``label_true``: the paper's accuracy and F1 per class, plus mean timings."""
-    labelled = catalog[catalog["label_true"].isin(CLASS_NAMES)]
+    labelled = catalog[catalog["label_true"].isin(CLASS_NAMES) & catalog["label"].isin(CLASS_NAMES)]
     index = {name: i for i, name in enumerate(CLASS_NAMES)}
-    confusion = confusion_matrix(labelled["label_true"].map(index).to_numpy(), labelled["label"].map(index).to_numpy())
+    y_true = np.array([index[v] for v in labelled["label_true"]], dtype=np.int64)
+    y_pred = np.array([index[v] for v in labelled["label"]], dtype=np.int64)
+    confusion = confusion_matrix(y_true, y_pred)
     pre = float(np.mean(labelled["preprocess_ms"])) if len(labelled) else float("nan")
     cls = float(np.mean(labelled["classify_ms"])) if len(labelled) else float("nan")
     return {
