@@ -97,9 +97,64 @@ def profile_fast(files: list[str], top: int = 8) -> list[dict]:
     rows = []
     for (filename, line, name), (_, calls, tottime, cumtime, _) in stats.items():
         where = f"{Path(filename).parent.name}/{Path(filename).name}:{line}({name})" if filename != "~" else name
-        rows.append({"function": where, "calls": calls, "self_ms_per_chip": tottime * 1e3 / chips, "cum_ms_per_chip": cumtime * 1e3 / chips})
+        rows.append(
+            {"function": where, "calls": calls, "self_ms_per_chip": tottime * 1e3 / chips, "cum_ms_per_chip": cumtime * 1e3 / chips}
+        )
     rows.sort(key=lambda r: r["self_ms_per_chip"], reverse=True)
     return rows[:top]
+
+
+def breakdown(path: str, repeats: int = 5) -> dict[str, float]:
+    """CPU ms of the pieces of the project's path on the first chip of `path` (median of `repeats`).
+
+    ``read_fits`` (open and parse the headers; ``crop_sci``: the chip's rows, the amps' columns joined, uint16
+    conversion, prescan medians; the WCS of the chip centre) and, inside ``normalise``: the clip levels (percentiles
+    of the strided subsample), the lookup tables, the gather ``lut[pixels]``, and for comparison the widening of the
+    uint16 pixels to the platform's index type that a numpy gather with uint16 indices starts with.
+    """
+    from ray_hrc.chips import Chip, chip_centre_radec, read_fits
+    from ray_hrc.preprocess import NormConfig, _stretch, clip_levels, normalise
+
+    cfg = NormConfig()
+    chip = next(c for c in read_fits(path) if isinstance(c, Chip))
+    pixels, bias = chip.pixels, chip.amp_bias
+    lut = _stretch(np.arange(65536, dtype=np.float32) / 65536, cfg).astype(cfg.dtype)
+
+    def cpu_ms(fn) -> float:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            runs.append((time.process_time() - t0) * 1e3)
+        return statistics.median(runs)
+
+    from ray_hrc.chips import crop_sci, open_fits
+    from ray_hrc.layouts import find_layout
+
+    def headers() -> None:
+        with open_fits(path) as hdul:
+            for hdu in hdul:
+                hdu.header.get("EXTNAME")
+
+    with open_fits(path) as hdul:
+        hdu, primary = hdul[1], hdul[0].header
+        sci = hdu.header
+        layout = find_layout(primary["INSTRUME"], primary["DETECTOR"], (sci["NAXIS2"], sci["NAXIS1"]))
+        extver = int(sci.get("EXTVER", 1))
+        wcs_ms = cpu_ms(lambda: chip_centre_radec(sci, layout, extver, primary))
+        crop_ms = cpu_ms(lambda: crop_sci(hdu, layout, extver, where=path))
+    n_chips = sum(isinstance(c, Chip) for c in read_fits(path))
+    return {
+        "read_fits_per_chip": cpu_ms(lambda: read_fits(path)) / n_chips,
+        "open_and_parse_headers_per_chip": cpu_ms(headers) / n_chips,
+        "crop_sci": crop_ms,
+        "wcs_centre": wcs_ms,
+        "normalise": cpu_ms(lambda: normalise(pixels, bias, cfg)),
+        "clip_levels": cpu_ms(lambda: clip_levels(pixels, bias, cfg)),
+        "lut_build_per_amp": cpu_ms(lambda: _stretch(np.arange(65536, dtype=np.float32) / 65536, cfg).astype(cfg.dtype)),
+        "gather_lut[pixels]": cpu_ms(lambda: lut[pixels]),
+        "widen_uint16_to_intp": cpu_ms(lambda: pixels.astype(np.intp)),
+    }
 
 
 def measure(files: list[str], repeats: int = 3, profile: bool = True) -> dict:
@@ -135,6 +190,7 @@ def measure(files: list[str], repeats: int = 3, profile: bool = True) -> dict:
         "preprocess_normalise_ms_per_chip": statistics.median(s["normalise"] for s in splits),
         "preprocess_max_abs_diff_vs_naive": agree,
         "preprocess_profile": profile_fast(files) if profile else [],
+        "preprocess_breakdown_ms": breakdown(files[0]) if profile else {},
         "files": len(files),
         "chips": n,
         "repeats": repeats,
