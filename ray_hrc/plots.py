@@ -19,6 +19,16 @@ logger = logging.getLogger(__name__)
 THUMB_SHAPE = (256, 512)
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close a figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def thumbnail(pixels: np.ndarray, amp_bias: np.ndarray | None = None, shape: tuple[int, int] = THUMB_SHAPE) -> np.ndarray:
     """A display-sized view of a chip with the same normalisation the model sees; float32 (rows, cols) in [0, 1]."""
     return resize(normalise(pixels, amp_bias, NormConfig()).astype(np.float32), shape)
@@ -37,12 +47,7 @@ def chip_gallery(thumbs: Sequence[np.ndarray], titles: Sequence[str], path: str 
         ax.set_title(title, fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def training_curves(history, path: str | Path, *, title: str = "") -> Path:
@@ -61,12 +66,7 @@ def training_curves(history, path: str | Path, *, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def confusion_plot(confusion, class_names: Sequence[str], path: str | Path, *, title: str = "") -> Path:
@@ -89,9 +89,4 @@ def confusion_plot(confusion, class_names: Sequence[str], path: str | Path, *, t
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
