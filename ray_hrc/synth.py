@@ -987,8 +987,6 @@ def render_chip(model: BodyModel, exp: Exposure, extver: int, rng: np.random.Gen
         + np.float32(gy) * np.linspace(-1, 1, nr, dtype=np.float32)[:, None]
     ).astype(np.float32)
     lowres = body_e + np.float32(sky_e) * (np.float32(1.0) + ramp)
-    if exp.blurry:  # out of focus: the diffuse light is blurred too
-        lowres = cv2.GaussianBlur(lowres, (0, 0), exp.psf_sigma / LOWRES)
 
     # point sources: body populations, foreground stars, background galaxies
     pts_x, pts_y, pts_e = [], [], []
@@ -1005,10 +1003,8 @@ def render_chip(model: BodyModel, exp: Exposure, extver: int, rng: np.random.Gen
     lr_shape = lowres.shape
     wings = _deposit(lr_shape, (sx - (LOWRES - 1) / 2) / LOWRES, (sy - (LOWRES - 1) / 2) / LOWRES, se * np.float32(1.0 / LOWRES**2))
     lowres += cv2.GaussianBlur(wings, (0, 0), 5.0 * exp.psf_sigma / LOWRES) * np.float32(halo)
-    coarse = cv2.resize(wings, (lr_shape[1] // 4, lr_shape[0] // 4), interpolation=cv2.INTER_AREA)  # 16x coarser than the chip
-    coarse = cv2.GaussianBlur(coarse, (0, 0), 30.0 / (4 * LOWRES))
-    lowres += cv2.resize(coarse, (lr_shape[1], lr_shape[0]), interpolation=cv2.INTER_LINEAR) * np.float32(aureole)
-    del wings, coarse
+    lowres += cv2.GaussianBlur(wings, (0, 0), 30.0 / LOWRES) * np.float32(aureole)
+    del wings
     electrons = cv2.resize(lowres, (cols, lr_shape[0] * LOWRES), interpolation=cv2.INTER_LINEAR)[:rows]
 
     delta = _deposit((rows, cols), sx, sy, se * np.float32(1.0 - halo - aureole))
@@ -1019,7 +1015,7 @@ def render_chip(model: BodyModel, exp: Exposure, extver: int, rng: np.random.Gen
         ca, sa = math.cos(math.radians(ang)), math.sin(math.radians(ang))
         p1 = (int(tx - 9000 * ca), int(ty - 9000 * sa))
         p2 = (int(tx + 9000 * ca), int(ty + 9000 * sa))
-        cv2.line(delta, p1, p2, (float(level),), int(round(width)), cv2.LINE_8)  # crossing takes ~1 s, whatever the exposure
+        cv2.line(delta, p1, p2, (float(level * exp.exptime / 500.0),), int(round(width)), cv2.LINE_8)
     electrons += cv2.GaussianBlur(delta, (0, 0), exp.psf_sigma)
     del delta
 
