@@ -987,6 +987,8 @@ def render_chip(model: BodyModel, exp: Exposure, extver: int, rng: np.random.Gen
         + np.float32(gy) * np.linspace(-1, 1, nr, dtype=np.float32)[:, None]
     ).astype(np.float32)
     lowres = body_e + np.float32(sky_e) * (np.float32(1.0) + ramp)
+    if exp.blurry:  # out of focus: the diffuse light is blurred too
+        lowres = cv2.GaussianBlur(lowres, (0, 0), exp.psf_sigma / LOWRES)
 
     # point sources: body populations, foreground stars, background galaxies
     pts_x, pts_y, pts_e = [], [], []
@@ -1003,8 +1005,10 @@ def render_chip(model: BodyModel, exp: Exposure, extver: int, rng: np.random.Gen
     lr_shape = lowres.shape
     wings = _deposit(lr_shape, (sx - (LOWRES - 1) / 2) / LOWRES, (sy - (LOWRES - 1) / 2) / LOWRES, se * np.float32(1.0 / LOWRES**2))
     lowres += cv2.GaussianBlur(wings, (0, 0), 5.0 * exp.psf_sigma / LOWRES) * np.float32(halo)
-    lowres += cv2.GaussianBlur(wings, (0, 0), 30.0 / LOWRES) * np.float32(aureole)
-    del wings
+    coarse = cv2.resize(wings, (lr_shape[1] // 4, lr_shape[0] // 4), interpolation=cv2.INTER_AREA)  # 16x coarser than the chip
+    coarse = cv2.GaussianBlur(coarse, (0, 0), 30.0 / (4 * LOWRES))
+    lowres += cv2.resize(coarse, (lr_shape[1], lr_shape[0]), interpolation=cv2.INTER_LINEAR) * np.float32(aureole)
+    del wings, coarse
     electrons = cv2.resize(lowres, (cols, lr_shape[0] * LOWRES), interpolation=cv2.INTER_LINEAR)[:rows]
 
     delta = _deposit((rows, cols), sx, sy, se * np.float32(1.0 - halo - aureole))
@@ -1015,7 +1019,7 @@ def render_chip(model: BodyModel, exp: Exposure, extver: int, rng: np.random.Gen
         ca, sa = math.cos(math.radians(ang)), math.sin(math.radians(ang))
         p1 = (int(tx - 9000 * ca), int(ty - 9000 * sa))
         p2 = (int(tx + 9000 * ca), int(ty + 9000 * sa))
-        cv2.line(delta, p1, p2, (float(level * exp.exptime / 500.0),), int(round(width)), cv2.LINE_8)
+        cv2.line(delta, p1, p2, (float(level),), int(round(width)), cv2.LINE_8)  # crossing takes ~1 s, whatever the exposure
     electrons += cv2.GaussianBlur(delta, (0, 0), exp.psf_sigma)
     del delta
 
@@ -1396,7 +1400,10 @@ def synthesize_archive(
     manifest.csv as well.
 
     Galaxies (even body indices) and NSC (odd) alternate, so the classes are balanced; `bodies` >= 2 gives both.
-    `workers` processes write the files (None: one per CPU; 1: in this process); the output does not depend on it.
+    Each body gets between `files_per_body[0]` and `files_per_body[1]` files (inclusive); each file is blurry with
+    probability `blurry_fraction` and observed with one of `instruments` ("ACS/WFC", "WFC3/UVIS").
+    `workers` processes write the files, one body per task (None: one per CPU; 1: in this process); the output does
+    not depend on it. The pool uses the "spawn" start method: scripts need an ``if __name__ == "__main__":`` guard.
     """
     unknown = [name for name in instruments if name not in DETECTORS]
     if unknown or not instruments:
@@ -1407,14 +1414,15 @@ def synthesize_archive(
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_archive(seed, bodies, files_per_body)
     args = [(seed, i, b, v, str(out), tuple(instruments), float(blurry_fraction)) for i, b, v in plan]
-    n_workers = min(len(args), workers if workers is not None else (os.cpu_count() or 1))
+    per_body = [[a for a in args if a[2] == b] for b in range(bodies)]  # one task per body: its model is built once
+    n_workers = min(bodies, workers if workers is not None else (os.cpu_count() or 1))
     if n_workers <= 1:
-        results = [synthesize_file(*a) for a in args]
+        results = [_synthesize_files(task) for task in per_body]
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker) as pool:
-            results = list(pool.map(_synthesize_file_star, args, chunksize=1))
-    rows = [row for file_rows in results for row in file_rows]
+            results = list(pool.map(_synthesize_files, per_body))
+    rows = [row for body_rows in results for row in body_rows]
     frame = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "blurry", "kind"])
     manifest = out / MANIFEST_NAME
     frame[MANIFEST_COLUMNS].to_csv(manifest, index=True)
@@ -1423,8 +1431,9 @@ def synthesize_archive(
     return manifest
 
 
-def _synthesize_file_star(args: tuple) -> list[dict]:
-    return synthesize_file(*args)
+def _synthesize_files(task: list[tuple]) -> list[dict]:
+    """`synthesize_file` over the files of one body, rows in file order."""
+    return [row for args in task for row in synthesize_file(*args)]
 
 
 def body_kinds(seed: int, bodies: int) -> dict[str, str]:

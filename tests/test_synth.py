@@ -39,14 +39,6 @@ def manifest(archive) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def exposures() -> dict[str, synth.Exposure]:
-    """OBSID -> the exposure plan of each file of the module archive."""
-    plan = synth.plan_archive(SEED, BODIES, (2, 2))
-    chosen = (synth.choose_exposure(synth.body_model(SEED, b), SEED, i, v, INSTRUMENTS, 0.15)[0] for i, b, v in plan)
-    return {e.obsid: e for e in chosen}
-
-
-@pytest.fixture(scope="module")
 def chip_stats(archive, manifest) -> pd.DataFrame:
     """Per manifest row, read through `read_fits` with its HDU index: metadata, global statistics of the normalised
     chip (mean, std, percentiles 1/5/25/50/75/95/99) and whether it has saturated pixels. Pixels are not kept."""
@@ -72,6 +64,15 @@ def _first_file(archive: Path, manifest: pd.DataFrame, instrument: str) -> Path:
     return archive.parent / manifest.loc[manifest["Instrument"] == instrument, "URI"].iloc[0]
 
 
+def _exposure(obsid: str) -> synth.Exposure:
+    """The exposure plan (bias levels, read noise, pointing) of one file of the module archive."""
+    for file_index, body, visit in synth.plan_archive(SEED, BODIES, (2, 2)):
+        exp, _ = synth.choose_exposure(synth.body_model(SEED, body), SEED, file_index, visit, INSTRUMENTS, 0.15)
+        if exp.obsid == obsid:
+            return exp
+    raise AssertionError(f"{obsid} is not a file of the module archive")
+
+
 def _separation_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
     r1, d1, r2, d2 = map(math.radians, (ra1, dec1, ra2, dec2))
     c = math.sin(d1) * math.sin(d2) + math.cos(d1) * math.cos(d2) * math.cos(r1 - r2)
@@ -90,7 +91,7 @@ def test_same_seed_same_bytes_whatever_the_workers(archive, manifest, tmp_path):
 
 
 @pytest.mark.parametrize("instrument", INSTRUMENTS)
-def test_hdu_list_and_headers_are_those_of_real_raw_files(archive, manifest, exposures, instrument):
+def test_hdu_list_and_headers_are_those_of_real_raw_files(archive, manifest, instrument):
     path = _first_file(archive, manifest, instrument)
     layout = _raw_layout(instrument)
     det = synth.DETECTORS[instrument]
@@ -137,20 +138,22 @@ def test_hdu_list_and_headers_are_those_of_real_raw_files(archive, manifest, exp
         geom = layout.chips[1]
         assert np.array_equal(chip1.pixels, np.concatenate([scaled[geom.rows, a.science] for a in geom.amps], axis=1))
     # the chips are adjacent on the sky: their centres are one chip height + the gap apart, near the target
-    centre_rows = [np.mean(range(*layout.chips[e].rows.indices(layout.shape[0]))) - det.science_rows(e).start + det.chip_y0(e) for e in (1, 2)]
+    centre_rows = [
+        np.mean(range(*layout.chips[e].rows.indices(layout.shape[0]))) - det.science_rows(e).start + det.chip_y0(e) for e in (1, 2)
+    ]
     sep = _separation_arcsec(chip1.meta.ra, chip1.meta.dec, chip2.meta.ra, chip2.meta.dec)
     assert sep == pytest.approx((centre_rows[1] - centre_rows[0]) * det.pixel_scale, abs=0.01)
-    exp = exposures[chip1.meta.obsid]
+    exp = _exposure(chip1.meta.obsid)
     body = synth.make_body(SEED, exp.body_index)
     assert (primary["RA_TARG"], primary["DEC_TARG"]) == (pytest.approx(body.ra), pytest.approx(body.dec))
     assert _separation_arcsec(chip1.meta.ra, chip1.meta.dec, body.ra, body.dec) < 1.1 * body.radius + 160.0
 
 
-def test_prescan_and_overscans_hold_bias_and_read_noise_only(archive, manifest, exposures):
+def test_prescan_and_overscans_hold_bias_and_read_noise_only(archive, manifest):
     for instrument in INSTRUMENTS:
         path = _first_file(archive, manifest, instrument)
         det = synth.DETECTORS[instrument]
-        exp = exposures[path.name.split("_")[0]]
+        exp = _exposure(path.name.split("_")[0])
         with fits.open(path) as hdul:
             for index, extver in ((1, 1), (4, 2)):
                 data = hdul[index].data.astype(np.float32)
@@ -158,7 +161,9 @@ def test_prescan_and_overscans_hold_bias_and_read_noise_only(archive, manifest, 
                 overscan_rows = slice(0, rows.start) if extver == 2 else slice(rows.stop, data.shape[0])
                 biases = exp.bias[2 * (extver - 1) : 2 * extver]
                 noises = exp.read_noise[2 * (extver - 1) : 2 * extver]
-                for side, (half, (raw_cols, _), bias, rn) in enumerate(zip(det.amp_halves(), det.science_cols(), biases, noises, strict=True)):
+                for side, (half, (raw_cols, _), bias, rn) in enumerate(
+                    zip(det.amp_halves(), det.science_cols(), biases, noises, strict=True)
+                ):
                     regions = {
                         "prescan": data[:, _raw_layout(instrument).chips[extver].amps[side].prescan],
                         "virtual overscan rows": data[overscan_rows, half],
