@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_ray_job_submit_trains_smoke_config(ray_head, tmp_path):
         time.sleep(5)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "SUCCEEDED" in log, log[-4000:]
+    assert re.search(r"Job '\S+' succeeded", log, re.IGNORECASE), log[-4000:]  # Ray prints "Job 'raysubmit_…' succeeded"
     assert (out / "best" / "checkpoint.pt").exists()
     # the job prints the best checkpoint's URI last on its stdout (Ray's progress bars on stderr interleave in job logs)
     assert any(line.rstrip().endswith(str(out / "best")) for line in proc.stdout.splitlines()), proc.stdout[-2000:]
