@@ -1,0 +1,205 @@
+"""CPU inference of one full 2048 x 4096 chip: the reference's way against the project's inference path.
+
+Reference ("eager"): the model as the reference implementation runs it: eval mode, float32, NCHW, BatchNorm as
+separate layers, ``torch.no_grad()``. Project path: `ray_hrc.predict.ChipClassifier.probabilities`, the very
+call that ``ray-hrc classify`` and the Serve deployment make (BatchNorm folded, channels_last,
+``torch.inference_mode``), from a checkpoint on disk, fed the float16 normalised chip that Ray Data hands it. The
+same path with ``compile=True`` (torch.compile) is timed as well, with its compile time, to say whether it pays.
+
+All three run in one process on the same chip, one forward of each after the other in every repeat; figures are
+medians of wall-clock seconds. A roofline puts them in context: the model's multiply-accumulates (counted on the
+meta device) against the float32 GEMM rate this machine reaches in the same run (torch.mm, 4096 x 4096), and a
+torch.profiler table of the project path shows where its time goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.common import CHIP_SHAPE, random_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def model_macs(model: nn.Module) -> dict[str, float]:
+    """Multiply-accumulates of one forward on one chip, by layer kind, counted with hooks on a meta-device copy."""
+    meta = copy.deepcopy(model).to("meta").eval()
+    counts = {"conv": 0.0, "linear": 0.0}
+
+    def conv_hook(module: nn.Conv2d, _inputs, output):
+        kh, kw = module.kernel_size
+        counts["conv"] += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear_hook(module: nn.Linear, _inputs, output):
+        counts["linear"] += output.numel() * module.in_features
+
+    for m in meta.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(conv_hook)
+        elif isinstance(m, nn.Linear):
+            m.register_forward_hook(linear_hook)
+    with torch.no_grad():
+        meta(torch.empty(1, 1, *CHIP_SHAPE, device="meta"))
+    return counts
+
+
+def gemm_gflops(n: int = 4096, repeats: int = 3) -> float:
+    """The best float32 GEMM rate (GFLOP/s) of `repeats` n x n x n products at the current thread count."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _conv_gflop(shapes: list) -> float | None:
+    """GFLOP of a stride-1, unpadded convolution (every one in HR-CelestialNet) from its profiled input shapes."""
+    try:
+        (n, _, h, w), (o, c, kh, kw) = shapes[0], shapes[1]
+    except (TypeError, ValueError, IndexError):
+        return None
+    return 2 * n * o * (h - kh + 1) * (w - kw + 1) * c * kh * kw / 1e9
+
+
+def _full_resolution(shapes: str, side: int = 2000) -> bool:
+    """Whether an operator's first input is chip-sized (both spatial sides at least `side`)."""
+    import ast
+
+    try:
+        first = ast.literal_eval(shapes)[0]
+        return len(first) == 4 and min(first[2:]) >= side
+    except (ValueError, SyntaxError, IndexError, TypeError):
+        return False
+
+
+def profile_table(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """Self CPU time of the operators of one forward (torch.profiler), by operator and input shape, largest first.
+
+    Convolution rows carry the GFLOP/s they ran at.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(x)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    rows = []
+    for e in events:
+        row = {
+            "op": e.key,
+            "input_shapes": str(e.input_shapes[:2]),
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+        }
+        if "convolution" in e.key and e.self_cpu_time_total > 0:
+            gflop = _conv_gflop(e.input_shapes)
+            if gflop:
+                row["gflop"] = gflop
+                row["gflops"] = gflop / (e.self_cpu_time_total / 1e6)
+        rows.append(row)
+    rows.sort(key=lambda r: r["self_ms"], reverse=True)
+    return rows
+
+
+def _time(fn) -> tuple[float, float]:
+    c0, w0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def measure(
+    image: np.ndarray, workdir: Path, width: float = 1.0, repeats: int = 3, compile: bool = True, profile: bool = True, gemm_n: int = 4096
+) -> dict:
+    """Seconds per chip of the reference and of the project's path at `width` on one normalised chip `image`.
+
+    image: float16 (2048, 4096), as `ray_hrc.preprocess.normalise` returns it.
+    """
+    from ray_hrc.checkpoint import load_checkpoint, model_from_checkpoint
+    from ray_hrc.predict import ChipClassifier
+
+    checkpoint = random_checkpoint(workdir / f"checkpoint_w{width:g}", width)
+    reference = model_from_checkpoint(load_checkpoint(checkpoint)).eval()  # eager float32 NCHW, BatchNorm unfolded
+    x_ref = torch.from_numpy(image.astype(np.float32))[None, None]
+    batch = image[None]
+
+    def eager():
+        with torch.no_grad():
+            return torch.softmax(reference(x_ref), dim=1)
+
+    project = ChipClassifier(checkpoint, device="cpu")
+    paths = {"eager": eager, "project": lambda: project.probabilities(batch)}
+    compile_s = None
+    if compile:
+        compiled = ChipClassifier(checkpoint, device="cpu", compile=True)
+        t0 = time.perf_counter()
+        compiled.probabilities(batch)  # compiles
+        compile_s = time.perf_counter() - t0
+        paths["compiled"] = lambda: compiled.probabilities(batch)
+
+    p_eager = eager().numpy()
+    p_project = project.probabilities(batch)
+    gemm = [gemm_gflops(gemm_n)]
+    wall: dict[str, list[float]] = {k: [] for k in paths}
+    cpu: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            w, c = _time(fn)
+            wall[name].append(w)
+            cpu[name].append(c)
+        gemm.append(gemm_gflops(gemm_n, repeats=1))
+
+    macs = model_macs(reference)
+    flops = 2 * (macs["conv"] + macs["linear"])
+    peak = max(gemm)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    out = {
+        "cpu_forward_s_per_chip": med["project"],
+        "cpu_forward_eager_s_per_chip": med["eager"],
+        "cpu_forward_speedup": med["eager"] / med["project"],
+        "cpu_forward_compiled_s_per_chip": med.get("compiled"),
+        "cpu_forward_compiled_speedup": med["eager"] / med["compiled"] if "compiled" in med else None,
+        "cpu_forward_compile_s": compile_s,
+        "cpu_forward_runs_s": wall,
+        "cpu_forward_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+        "cpu_forward_max_abs_diff_vs_eager": float(np.abs(p_project - p_eager).max()),
+        "width": width,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "gflop_per_chip": flops / 1e9,
+        "gemm_gflops": gemm,
+        "floor_s_per_chip": flops / (peak * 1e9),
+        "max_speedup_at_gemm_peak": med["eager"] / (flops / (peak * 1e9)),
+        "achieved_gflops": {k: flops / v / 1e9 for k, v in med.items()},
+    }
+    if compile and med["project"] > med["compiled"]:
+        out["compile_break_even_chips"] = compile_s / (med["project"] - med["compiled"])
+    if profile:
+        x = torch.from_numpy(image.astype(np.float32))[None, None].contiguous(memory_format=torch.channels_last)
+        rows = profile_table(project.model, x)
+        conv_ms = sum(r["self_ms"] for r in rows if "convolution" in r["op"])
+        total_ms = sum(r["self_ms"] for r in rows)
+        # the stem: every operator at full resolution (conv1 on the chip, its ReLU and 8/4 max-pool on its output)
+        stem = [r for r in rows if _full_resolution(r["input_shapes"])]
+        conv1 = [r for r in stem if "gflop" in r]
+        rest = [r for r in rows if "gflop" in r and r not in conv1]
+        out["profile"] = rows[:12]
+        out["profile_total_ms"] = total_ms
+        out["profile_conv_ms"] = conv_ms
+        out["profile_conv_gflops"] = 2 * macs["conv"] / (conv_ms / 1e3) / 1e9 if conv_ms else None
+        out["profile_stem_ms"] = sum(r["self_ms"] for r in stem)
+        out["profile_conv1_gflops"] = sum(r["gflop"] for r in conv1) / (sum(r["self_ms"] for r in conv1) / 1e3) if conv1 else None
+        out["profile_other_conv_gflops"] = sum(r["gflop"] for r in rest) / (sum(r["self_ms"] for r in rest) / 1e3) if rest else None
+    return out

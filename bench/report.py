@@ -1,0 +1,372 @@
+"""The benchmark's outputs: the figures table (printed), ``results.json`` and ``RESULTS.md``.
+
+Every figure comes with its baseline, measured in the same run on the same inputs, the ratio, the target, whether
+it is met, how many repeats its median is over, and the command that reproduces it. Where a target is missed,
+RESULTS.md says by how much and shows the measurements (profiles, stage timings) that say what limits it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQUIRED_KEYS = [
+    "preprocess_ms_per_chip",
+    "preprocess_naive_ms_per_chip",
+    "cpu_forward_s_per_chip",
+    "cpu_forward_eager_s_per_chip",
+    "pipeline_efficiency",
+    "pipeline_peak_memory_ratio",
+    "train_ray_vs_plain",
+    "object_store_mib_per_chip",
+    "gpu_infer_chips_per_s",
+    "gpu_train_chips_per_s",
+]
+OBJECT_STORE_TARGET_MIB = 16 + 1 / 1024
+"""16 MiB of 16-bit pixels per chip, plus at most 1 KiB of the row's metadata columns."""
+
+
+@dataclass
+class Figure:
+    number: str
+    name: str
+    key: str
+    value: float | None
+    unit: str
+    baseline: str = ""
+    baseline_value: float | None = None
+    ratio: float | None = None
+    ratio_name: str = ""
+    target: str = ""
+    met: bool | None = None
+    repeats: int | None = None
+    reproduce: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def _loads(v: list[float] | None) -> str:
+    return "n/a" if not v else ", ".join(f"{x:.2f}" for x in v)
+
+
+def _cmd(base: str, section: str, quick: bool) -> str:
+    return f"{base} --sections {section}" + (" --quick" if quick else "")
+
+
+def build_figures(r: dict, plan: dict) -> list[Figure]:
+    """The table's rows from the merged section results `r`."""
+    quick = plan["quick"]
+    base = ".venv/bin/python bench/run.py --out /tmp/bench_out"
+    figs: list[Figure] = []
+
+    p = r.get("preprocess", {})
+    fast, naive = p.get("preprocess_ms_per_chip"), p.get("preprocess_naive_ms_per_chip")
+    f = Figure(
+        "1", "Preprocess, 1 core (CPU ms/chip)", "preprocess_ms_per_chip", fast, "ms", "naive astropy + np.percentile", naive,
+        naive / fast if fast and naive else None, "speedup", "<= 10 ms and >= 3x",
+        (fast <= 10 and naive / fast >= 3) if fast and naive else None, p.get("repeats"), _cmd(base, "preprocess", quick),
+    )  # fmt: skip
+    if fast and naive:
+        f.notes.append(
+            f"Wall clock (pinned core, shared machine): {_fmt(p.get('preprocess_wall_ms_per_chip'))} ms/chip against "
+            f"{_fmt(p.get('preprocess_naive_wall_ms_per_chip'))} ms/chip, {_fmt(p.get('preprocess_wall_speedup'))}x."
+        )
+        if fast > 10:
+            f.notes.append(
+                f"Missed by {fast - 10:.1f} ms/chip ({fast / 10:.1f}x the target). CPU time splits into reading + cropping "
+                f"{_fmt(p.get('preprocess_read_ms_per_chip'))} ms/chip and normalising {_fmt(p.get('preprocess_normalise_ms_per_chip'))} "
+                "ms/chip; the breakdown and the profile below say where."
+            )
+        if naive / fast < 3:
+            f.notes.append(f"Speedup missed: {naive / fast:.2f}x against 3x.")
+    figs.append(f)
+
+    i = r.get("inference", {})
+    eager, proj = i.get("cpu_forward_eager_s_per_chip"), i.get("cpu_forward_s_per_chip")
+    speed = eager / proj if eager and proj else None
+    f = Figure(
+        "2", f"CPU forward, width {plan['inference_width']:g} (s/chip)", "cpu_forward_s_per_chip", proj, "s",
+        "eager fp32 NCHW, BN unfolded", eager, speed, "speedup", ">= 2.5x", speed >= 2.5 if speed else None, i.get("repeats"),
+        _cmd(base, "inference", quick),
+    )  # fmt: skip
+    if speed:
+        if i.get("cpu_forward_compiled_s_per_chip"):
+            be = i.get("compile_break_even_chips")
+            f.notes.append(
+                f"With torch.compile (ChipClassifier(compile=True)): {_fmt(i['cpu_forward_compiled_s_per_chip'])} s/chip, "
+                f"{_fmt(i['cpu_forward_compiled_speedup'])}x eager; compiling took {_fmt(i['cpu_forward_compile_s'])} s"
+                + (f", repaid after {be:.0f} chips per process." if be else ", and it is not faster.")
+            )
+        f.notes.append(
+            f"Roofline: {_fmt(i.get('gflop_per_chip'))} GFLOP per chip; float32 GEMM on this machine in this run: "
+            f"{_fmt(max(i.get('gemm_gflops') or [0]))} GFLOP/s ({i.get('threads')} threads), so no float32 forward can take "
+            f"less than {_fmt(i.get('floor_s_per_chip'))} s: at most {_fmt(i.get('max_speedup_at_gemm_peak'))}x eager "
+            f"without fewer FLOPs or lower precision. Achieved: eager {_fmt(i['achieved_gflops'].get('eager'))}, project "
+            f"{_fmt(i['achieved_gflops'].get('project'))}"
+            + (f", compiled {_fmt(i['achieved_gflops']['compiled'])}" if "compiled" in i["achieved_gflops"] else "")
+            + " GFLOP/s."
+        )
+        if speed < 2.5:
+            f.notes.append(f"Missed by {2.5 / speed:.2f}x: needs {eager / 2.5:.2f} s/chip, measured {proj:.2f} s/chip.")
+            if i.get("profile_stem_ms") is not None and i.get("profile_total_ms"):
+                f.notes.append(
+                    f"What limits it (profile below): convolutions after the first run at {_fmt(i.get('profile_other_conv_gflops'))} "
+                    f"GFLOP/s, about the GEMM rate; conv1 (one input channel, 7 x 7) runs at {_fmt(i.get('profile_conv1_gflops'))} "
+                    f"GFLOP/s, and with its ReLU and 8/4 max-pool over its 32 x 2042 x 4090 output (1 GiB, memory-bound) the stem "
+                    f"takes {_fmt(i['profile_stem_ms'])} ms, {_pct(i['profile_stem_ms'] / i['profile_total_ms'])} of the forward. "
+                    "Settings cannot close the rest of the gap: it needs the stem at the GEMM rate (a kernel change) or "
+                    "fewer or cheaper FLOPs (lower precision; see the CPU flags above for a bf16 or int8 fast path)."
+                )
+    figs.append(f)
+
+    g = r.get("gpu", {})
+    f = Figure(
+        "3", f"GPU inference, width {plan['gpu_width']:g} (chips/s)", "gpu_infer_chips_per_s", g.get("gpu_infer_chips_per_s"), "chips/s",
+        "eager fp32 NCHW on the same GPU", g.get("gpu_infer_eager_chips_per_s"), g.get("gpu_infer_speedup"), "speedup",
+        "-", None, g.get("gpu_repeats"), _cmd(base, "gpu", quick).replace("--sections gpu", "--sections gpu --device cuda"),
+    )  # fmt: skip
+    if g.get("gpu_skipped"):
+        f.notes.append(f"Skipped: {g['gpu_skipped']}.")
+    figs.append(f)
+    f = Figure(
+        "3", f"GPU training step, width {plan['gpu_width']:g} (chips/s)", "gpu_train_chips_per_s", g.get("gpu_train_chips_per_s"), "chips/s",
+        "fp32 NCHW step on the same GPU", g.get("gpu_train_eager_chips_per_s"), g.get("gpu_train_speedup"), "speedup", "-",
+        None, g.get("gpu_repeats"), f.reproduce,
+    )  # fmt: skip
+    figs.append(f)
+
+    q = r.get("pipeline", {})
+    eff = q.get("pipeline_efficiency")
+    n_small, k = plan["n_files"], plan["copies"]
+    n_big = n_small * k
+    f = Figure(
+        "4", f"Pipeline, {n_big} files, width {plan['pipeline_width']:g} (chips/s)", "pipeline_efficiency", q.get("pipeline_chips_per_s"), "chips/s",
+        f"slowest stage alone ({q.get('pipeline_slowest_stage')})", q.get("pipeline_slowest_stage_chips_per_s"), eff, "efficiency",
+        ">= 90%", eff >= 0.9 if eff is not None else None, q.get("repeats"), _cmd(base, "pipeline", quick),
+    )  # fmt: skip
+    if eff is not None:
+        stages = q.get("pipeline_stage_chips_per_s", {})
+        conc, per_chip = q.get("model_concurrency", {}), q.get("classify_ms_mean", {})
+        f.notes.append(
+            f"Stages alone: read + crop + normalise {_fmt(stages.get('read'))} chips/s, model {_fmt(stages.get('model'))} "
+            f"chips/s. Model actors busy (seconds of model time per wall second): {_fmt(conc.get('pipeline'))} in the pipeline, "
+            f"{_fmt(conc.get('alone'))} alone; model time per chip {_fmt(per_chip.get('pipeline'))} ms in the pipeline, "
+            f"{_fmt(per_chip.get('alone'))} ms alone. Per repeat: " + ", ".join(_pct(e) for e in q.get("efficiency_per_repeat", [])) + "."
+        )
+        if eff < 0.9:
+            f.notes.append(f"Missed by {100 * (0.9 - eff):.0f} percentage points.")
+    figs.append(f)
+    ratio = q.get("pipeline_peak_memory_ratio")
+    f = Figure(
+        "4", f"Peak memory, {n_big} files (MiB)", "pipeline_peak_memory_ratio", q.get("pipeline_peak_mib_big"), "MiB",
+        f"same over {n_small} files", q.get("pipeline_peak_mib_small"), ratio, f"ratio ({k}x the files)", "<= 1.25x",
+        ratio <= 1.25 if ratio is not None else None, q.get("repeats"), _cmd(base, "pipeline", quick),
+    )  # fmt: skip
+    if ratio is not None:
+        big = q["pipeline_runs"]["pipeline_big"]
+        small = q["pipeline_runs"]["pipeline_small"]
+        f.notes.append(
+            "Driver + every Ray process (private resident memory, RssAnon) + object store (Ray's count), sampled every 0.2 s. Peak object "
+            f"store: {_fmt(max(x['peak_object_store_mib'] for x in big))} MiB over {n_big} files, "
+            f"{_fmt(max(x['peak_object_store_mib'] for x in small))} MiB over {n_small}; processes "
+            f"{_fmt(max(x['peak_processes_mib'] for x in big))} / {_fmt(max(x['peak_processes_mib'] for x in small))} MiB. "
+            "Per repeat: " + ", ".join(f"{x:.2f}x" for x in q.get("peak_memory_ratio_per_repeat", [])) + "."
+        )
+        if ratio > 1.25:
+            f.notes.append(f"Missed by {ratio - 1.25:.2f}x.")
+    figs.append(f)
+
+    t = r.get("train", {})
+    tr = t.get("train_ray_vs_plain")
+    f = Figure(
+        "5", f"Ray Train, 1 worker, width {plan['train_width']:g} (chips/s)", "train_ray_vs_plain", t.get("train_ray_chips_per_s"),
+        "chips/s", "plain PyTorch loop", t.get("train_plain_chips_per_s"), tr, "ratio", ">= 85%", tr >= 0.85 if tr is not None else None,
+        t.get("repeats"), _cmd(base, "train", quick),
+    )  # fmt: skip
+    if tr is not None:
+        fetch, compute = t.get("train_fetch_s_per_step", {}), t.get("train_compute_s_per_step", {})
+        f.notes.append(
+            f"Per step (batch {t.get('batch_size')}, {t.get('steps')} steps after {t.get('warmup')} warm-up): waiting for the "
+            f"batch {_fmt(fetch.get('ray'))} s (Ray Data) vs {_fmt(fetch.get('plain'))} s (list); compute "
+            f"{_fmt(compute.get('ray'))} s vs {_fmt(compute.get('plain'))} s. Torch threads (Ray, plain): "
+            f"{(t.get('train_threads') or {}).get('ray')}, {(t.get('train_threads') or {}).get('plain')}. Same losses: "
+            f"{_fmt(t.get('train_same_losses'))}. TorchTrainer.fit() wall {_fmt(t.get('train_fit_wall_s'))} s (start-up included) "
+            f"vs plain loop {_fmt(t.get('train_plain_wall_s'))} s."
+        )
+        if tr < 0.85:
+            f.notes.append(f"Missed by {100 * (0.85 - tr):.0f} percentage points.")
+    figs.append(f)
+
+    store = q.get("object_store_mib_per_chip")
+    f = Figure(
+        "6", "Object store per chip (MiB)", "object_store_mib_per_chip", store, "MiB", "float32 chip", 32.0,
+        store / 32.0 if store else None, "of float32", "<= 16 MiB (+ <= 1 KiB metadata)",
+        store <= OBJECT_STORE_TARGET_MIB if store is not None else None, 1, _cmd(base, "pipeline", quick),
+    )  # fmt: skip
+    if store is not None:
+        s = q["object_store_stats"]
+        f.notes.append(
+            f"Ray Data stats of the read stage ({s['operator']}): {s['bytes']:,} bytes over {s['rows']} rows = "
+            f"{s['bytes'] / s['rows']:,.0f} bytes per chip: 16 MiB of float16 pixels (16,777,216 bytes) and "
+            f"{s['bytes'] / s['rows'] - 2**24:,.0f} bytes of metadata columns."
+        )
+    figs.append(f)
+    return figs
+
+
+def table(figs: list[Figure]) -> str:
+    head = ["#", "figure", "value", "baseline", "baseline value", "ratio", "target", "met", "repeats"]
+    rows = [
+        [f.number, f.name, _fmt(f.value), f.baseline, _fmt(f.baseline_value),
+         f"{_fmt(f.ratio)} {f.ratio_name}" if f.ratio is not None else "n/a", f.target, _fmt(f.met), _fmt(f.repeats)]
+        for f in figs
+    ]  # fmt: skip
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def text_table(figs: list[Figure]) -> str:
+    lines = [f"{'#':2} {'figure':44} {'value':>10} {'baseline':>10} {'ratio':>8}  {'target':>16}  met  n"]
+    for f in figs:
+        lines.append(
+            f"{f.number:2} {f.name[:44]:44} {_fmt(f.value):>10} {_fmt(f.baseline_value):>10} {_fmt(f.ratio):>8}  "
+            f"{f.target[:16]:>16}  {_fmt(f.met):3}  {_fmt(f.repeats)}"
+        )
+    return "\n".join(lines)
+
+
+def flat_results(r: dict) -> dict:
+    """The top-level figures of results.json (medians), every required key present (None where not measured)."""
+    out: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
+    for section in r.values():
+        for key in REQUIRED_KEYS:
+            if isinstance(section, dict) and section.get(key) is not None:
+                out[key] = section[key]
+    return out
+
+
+def write(out_dir: Path, r: dict, plan: dict, machine: dict, run: dict) -> tuple[Path, Path, list[Figure]]:
+    """results.json and RESULTS.md under `out_dir`; returns their paths and the figures."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = build_figures(r, plan)
+    results = {
+        **flat_results(r),
+        "figures": [asdict(f) for f in figs],
+        "machine": machine,
+        "run": run,
+        "plan": plan,
+        "sections": r,
+    }
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(results, indent=2, default=str))
+    md_path = out_dir / "RESULTS.md"
+    md_path.write_text(markdown(figs, r, plan, machine, run))
+    return json_path, md_path, figs
+
+
+def markdown(figs: list[Figure], r: dict, plan: dict, machine: dict, run: dict) -> str:
+    c = run.get("contention", {})
+    mode = "quick (`--quick`: small inputs, narrow models; a smoke test, not the figures)" if plan["quick"] else "full"
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `bench/run.py` ({mode}) on {dt.datetime.fromtimestamp(run['started']).isoformat(timespec='seconds')}; "
+        f"the whole run took {run['wall_s'] / 60:.1f} min. Reproduce everything with `make bench`; each figure's own command "
+        "is below. `results.json` holds every number, per repeat.",
+        "",
+        "Wall time by part: synthetic archive "
+        + f"{run.get('archive_s', 0):.0f} s, "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in run.get("section_wall_s", {}).items() if v is not None)
+        + ".",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_flags']) or 'no AVX'}); "
+        f"{machine['memory_gib']} GiB memory; GPU: {machine['gpu'] or 'none'}",
+        f"- {machine['os']}, Python {machine['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+        + f"; torch threads {machine['torch_threads']}",
+        f"- Load average (1, 5, 15 min) {_loads(c.get('loadavg_start'))} at the start, {_loads(c.get('loadavg_end'))} at the end; "
+        "some task was waiting for "
+        f"a CPU {_pct(c.get('cpu_pressure_some'))} of the run's wall time (Linux PSI). The machine is shared, so absolute "
+        "timings are noisy: each figure is a ratio against a baseline measured in the same process, on the same inputs, "
+        "with interleaved repeats, and the median is reported.",
+        "",
+        "## Figures",
+        "",
+        table(figs),
+        "",
+    ]
+    met = [f for f in figs if f.met is True]
+    missed = [f for f in figs if f.met is False]
+    lines += [
+        f"Targets met: {len(met)}; missed: {len(missed)}"
+        + (" (" + ", ".join(f"{f.number} {f.key}" for f in missed) + ")" if missed else "")
+        + ".",
+        "",
+    ]
+    lines += ["## Each figure", ""]
+    for f in figs:
+        lines += [f"### {f.number}. {f.name}", ""]
+        lines += [f"- Value: {_fmt(f.value)} {f.unit}; baseline ({f.baseline}): {_fmt(f.baseline_value)}; {f.ratio_name}: {_fmt(f.ratio)}; "
+                  f"target {f.target}: {'met' if f.met else 'missed' if f.met is False else 'no target / not measured'}."]  # fmt: skip
+        lines += [f"- Median of {_fmt(f.repeats)} repeat(s). Reproduce: `{f.reproduce}`"]
+        lines += [f"- {n}" for n in f.notes]
+        lines += [""]
+        if f.key == "preprocess_ms_per_chip" and r.get("preprocess", {}).get("preprocess_profile"):
+            lines += ["CPU profile of the project's path (cProfile on the CPU clock, self time per chip):", ""]
+            lines += ["| function | calls | self ms/chip | cumulative ms/chip |", "|---|---|---|---|"]
+            lines += [f"| `{p['function']}` | {p['calls']} | {p['self_ms_per_chip']:.2f} | {p['cum_ms_per_chip']:.2f} |" for p in r["preprocess"]["preprocess_profile"]]  # fmt: skip
+            lines += [""]
+        if f.key == "preprocess_ms_per_chip" and r.get("preprocess", {}).get("preprocess_breakdown_ms"):
+            b = r["preprocess"]["preprocess_breakdown_ms"]
+            lines += ["Breakdown on one chip (CPU ms, median of 5; `bench.preprocess.breakdown`):", ""]
+            lines += ["| piece | CPU ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in b.items()] + [""]
+            gather, widen = b.get("gather_lut[pixels]"), b.get("widen_uint16_to_intp")
+            if gather and widen:
+                lines += [
+                    f"The gather `lut[pixels]` over 8.4 Mpixel takes {gather:.1f} ms; numpy first widens uint16 indices to its "
+                    f"index type, and that copy alone takes {widen:.1f} ms. `crop_sci` (rows, joined amps, uint16 conversion, "
+                    f"prescan medians) takes {b.get('crop_sci', 0):.1f} ms.",
+                    "",
+                ]
+        if f.key == "cpu_forward_s_per_chip" and r.get("inference", {}).get("profile"):
+            i = r["inference"]
+            lines += [
+                f"torch.profiler, one forward of the project's path ({_fmt(i['profile_total_ms'])} ms of operator time; convolutions "
+                f"{_fmt(i['profile_conv_ms'])} ms at {_fmt(i.get('profile_conv_gflops'))} GFLOP/s overall):",
+                "",
+                "| operator | input shapes | self ms | share | GFLOP/s |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {p['op']} | `{p['input_shapes']}` | {p['self_ms']:.0f} | {100 * p['share']:.1f}% | {_fmt(p.get('gflops'))} |"
+                for p in i["profile"]
+            ]
+            lines += [""]
+    notes = plan.get("notes", [])
+    if notes:
+        lines += ["## How the inputs were made", ""] + [f"- {n}" for n in notes] + [""]
+    errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and v.get("error")}
+    if errors:
+        lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]
+    return "\n".join(lines)
