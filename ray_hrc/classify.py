@@ -183,19 +183,21 @@ def _run_pipeline(
 ) -> None:
     """read + crop + normalise (CPU tasks) -> model (actor pool) -> Parquet parts under ``out/_parts``, streaming."""
     gpu = _use_gpu(config)
-    ds = read_chips(files, read, norm=norm).map_batches(
-        ChipClassifier,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if gpu else "cpu", "storage_options": opts},
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-        num_gpus=config.gpus_per_actor if gpu else 0,
-        num_cpus=config.cpus_per_actor,
-    )
     ctx = ray.data.DataContext.get_current()
     saved = ctx.max_errored_blocks
-    ctx.max_errored_blocks = -1  # a file whose task dies on every retry becomes an error row (below), not a failed run
+    # A file whose task dies on every retry becomes an error row (`_record_lost_files`), not a failed run. Set before
+    # the dataset is built: a Dataset keeps a copy of the DataContext taken when it is created.
+    ctx.max_errored_blocks = -1
     try:
+        ds = read_chips(files, read, norm=norm).map_batches(
+            ChipClassifier,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if gpu else "cpu", "storage_options": opts},
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+            num_gpus=config.gpus_per_actor if gpu else 0,
+            num_cpus=config.cpus_per_actor,
+        )
         parts = _join(out, PARTS)
         if "://" in out:
             ds.write_parquet(parts.split("://", 1)[1], filesystem=_arrow_fs(out, opts))
