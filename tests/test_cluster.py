@@ -51,8 +51,63 @@ def test_cluster_yaml_is_valid_and_fits_the_jobs():
     )  # inference actors ask for GPUs
     assert job.model_stage.max_actors <= sum(t["max_workers"] for t in gpu_nodes)
     assert any(t["resources"]["CPU"] >= job.read.num_cpus for t in cpu_nodes)  # preprocessing tasks: CPU only
+    assert not job.read.storage_options.get("anon")  # the instance profile reads stpubdata and writes your bucket
+    starts = [cmd for cmd in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in cmd]
+    assert starts and all("RAY_AUTH_MODE=token" in cmd for cmd in starts)  # token auth on every node ...
+    assert "~/.ray/auth_token" in cluster["file_mounts"]  # ... with one token, the one `ray job submit` sends
     serve = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     assert serve["applications"][0]["import_path"] == "ray_hrc.serve:build_app"
+
+
+def _quantity(value) -> float:
+    """A Kubernetes CPU/GPU quantity ("15", "500m", 1) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_kuberay_rayjob_matches_the_configs():
+    import shlex
+
+    from ray_hrc.cli import build_parser
+
+    rayjob = yaml.safe_load((ROOT / "k8s/rayjob.yaml").read_text())
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[0] == "python" and (ROOT / argv[1]).is_file(), argv[:2]  # the entrypoint's script is in the repo
+    command = {"jobs/classify.py": "classify", "jobs/train.py": "train"}[argv[1]]
+    args = build_parser().parse_args([command, *argv[2:]])  # every flag is one the CLI knows
+    assert args.config and (ROOT / args.config).is_file()
+
+    spec = rayjob["spec"]["rayClusterSpec"]
+    image = yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]["image"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head runs no heavy tasks
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for pod in [head["template"]["spec"]] + [g["template"]["spec"] for g in groups.values()]:
+        assert all(c["image"] == image for c in pod["containers"])  # the same Ray image as cluster.yaml
+    assert spec["enableInTreeAutoscaling"] and all(g["minReplicas"] == 0 for g in groups.values())  # both scale from zero
+
+    def requests(group: dict) -> dict:
+        return group["template"]["spec"]["containers"][0]["resources"]["requests"]
+
+    gpu_groups = [g for g in groups.values() if _quantity(requests(g).get("nvidia.com/gpu", 0)) > 0]
+    cpu_groups = [g for g in groups.values() if g not in gpu_groups]
+    assert gpu_groups and cpu_groups
+    job = load_classify_config(str(ROOT / "configs/classify_cluster.yaml"))
+    train = load_config(ROOT / "configs/paper/hrcelestialnet_lcid.yaml")
+    assert any(_quantity(requests(g)["cpu"]) >= job.read.num_cpus for g in cpu_groups)  # read tasks: CPU only
+    for g in gpu_groups:
+        gpus, cpus = _quantity(requests(g)["nvidia.com/gpu"]), _quantity(requests(g)["cpu"])
+        assert gpus >= job.model_stage.gpus_per_actor and cpus >= job.model_stage.cpus_per_actor  # a model actor fits
+        assert gpus >= train.scaling.gpus_per_worker and cpus >= train.scaling.cpus_per_worker  # a training worker fits
+    assert sum(g["maxReplicas"] for g in gpu_groups) >= max(job.model_stage.max_actors, train.scaling.num_workers)
+
+    pins = dict(line.strip().split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    for requirement in runtime_env["pip"]["packages"]:
+        name, version = requirement.split("==")
+        assert pins.get(name) == version, f"{requirement} in k8s/rayjob.yaml; constraints.txt pins {name}=={pins.get(name)}"
+    assert image.startswith(f"rayproject/ray:{pins['ray']}-") and spec["rayVersion"] == pins["ray"]
 
 
 def _port() -> int:
