@@ -5,14 +5,19 @@ files are float32 electrons), one bias level per amplifier (from that amp's own 
 catalog row needs. Anything wrong with a file or a chip becomes a `ChipError` record naming the file, the HDU and
 what was expected; nothing raises out of `read_fits`.
 
-Pure numpy/astropy: no Ray here, so every path is unit-tested without a cluster.
+Pure numpy/astropy (plus the compiled loops of `ray_hrc.kernels`): no Ray here, so every path is unit-tested
+without a cluster. Well-formed local files and bytes have their headers walked by `map_fits` and their data
+memory-mapped; anything else, and remote URIs, go through astropy's HDU list.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
+import mmap
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -20,8 +25,9 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS, FITSFixedWarning, NoWcsKeywordsFoundError, Wcsprm
 
+from ray_hrc.kernels import crop_offset_uint16, offset_uint16_median
 from ray_hrc.layouts import CHIP_SHAPE, LAYOUTS, Layout, UnsupportedLayoutError, find_layout
 
 logger = logging.getLogger(__name__)
@@ -162,22 +168,60 @@ def chip_centre_radec(sci: fits.Header, layout: Layout, extver: int, primary: fi
     last = range(*geom.amps[-1].science.indices(layout.shape[1]))
     x, y = (first[0] + last[-1]) / 2.0, (rows[0] + rows[-1]) / 2.0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(sci, naxis=2)
-        if wcs.has_celestial and wcs.wcs.ctype[0].strip():
-            ra, dec = (float(v) for v in wcs.all_pix2world([[x, y]], 0)[0])
-            if np.isfinite(ra) and np.isfinite(dec):
-                return ra % 360.0, dec, False
+        radec = sky_position(sci, x, y)
+        if radec is not None and np.isfinite(radec[0]) and np.isfinite(radec[1]):
+            return radec[0] % 360.0, radec[1], False
     except Exception as exc:  # noqa: BLE001 - any WCS trouble falls back to the target position
         logger.debug("WCS of %s unusable: %s", primary.get("ROOTNAME", "?"), exc)
     return _float(primary, "RA_TARG"), _float(primary, "DEC_TARG"), True
 
 
+_DISTORTION_KEYWORD = re.compile(r"([AB]P?_ORDER|CPDIS\d|D2IMDIS\d|PV\d+_\d+)$")
+"""SIP polynomials, lookup-table distortions, and PV cards (which astropy may reinterpret as TPV)."""
+_CORE_WCS_KEYWORD = re.compile(
+    r"(WCSAXES|NAXIS\d*|CTYPE\d+|CUNIT\d+|CRVAL\d+|CRPIX\d+|CDELT\d+|CROTA\d+|CD\d+_\d+|PC\d+_\d+|PS\d+_\d+"
+    r"|LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH|MJD-OBS|DATE-OBS)$"
+)
+"""The primary (key ' ') WCS keywords that decide a core celestial transform."""
+
+
+def sky_position(sci: fits.Header, x: float, y: float) -> tuple[float, float] | None:
+    """(RA, Dec) in degrees of 0-based array pixel (x, y) from the header's celestial WCS; None if it has none.
+
+    The same numbers as ``WCS(sci, naxis=2).all_pix2world([[x, y]], 0)``. Headers with distortion keywords go
+    through exactly that; the others (raw files: TAN with a CD matrix) go straight to wcslib with only their core
+    WCS cards, which skips astropy converting the whole header to text three times (most of the cost).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        if any(_DISTORTION_KEYWORD.match(key) for key in sci):
+            full = WCS(sci, naxis=2)
+            if not (full.has_celestial and full.wcs.ctype[0].strip()):
+                return None
+            ra, dec = full.all_pix2world([[x, y]], 0)[0]
+            return float(ra), float(dec)
+        text = "".join(str(card) for card in sci.cards if _CORE_WCS_KEYWORD.match(card.keyword))
+        try:
+            core = Wcsprm(header=text.encode("ascii"), key=" ", relax=True, keysel=-1).sub(2)
+        except NoWcsKeywordsFoundError:
+            return None
+        core.fix()
+        core.set()
+        if not (core.lng >= 0 and core.lat >= 0 and core.ctype[0].strip()):
+            return None
+        ra, dec = core.p2s(np.array([[x, y]], np.float64), 0)["world"][0]
+        return float(ra), float(dec)
+
+
+def _is_offset_uint16(header: fits.Header) -> bool:
+    """The usual raw encoding: uint16 stored as int16 with BZERO = 32768 (BITPIX = 16, BSCALE = 1)."""
+    return header.get("BITPIX") == 16 and header.get("BZERO", 0) == 32768 and header.get("BSCALE", 1) == 1
+
+
 def to_physical(raw: np.ndarray, header: fits.Header) -> np.ndarray:
     """Stored FITS values -> physical values: uint16 for the usual BITPIX=16/BZERO=32768, else float32."""
     bitpix, bzero, bscale = header.get("BITPIX"), header.get("BZERO", 0), header.get("BSCALE", 1)
-    if bitpix == 16 and bzero == 32768 and bscale == 1:
+    if _is_offset_uint16(header):
         # v + 32768 (mod 2**16) flips the sign bit of the int16 two's complement: exact and one pass.
         return np.bitwise_xor(raw.view(raw.dtype.str.replace("i", "u")), np.uint16(0x8000), dtype=np.uint16)
     if bitpix in (8, 16) and bzero == 0 and bscale == 1:
@@ -203,15 +247,26 @@ def crop_sci(hdu: fits.ImageHDU, layout: Layout, extver: int, *, where: str) -> 
         raise ChipReadError("truncated", f"{where}: data could not be read ({exc}); the file looks truncated") from exc
     if rows.shape[0] != len(range(*geom.rows.indices(layout.shape[0]))):
         raise ChipReadError("truncated", f"{where}: got {rows.shape[0]} rows of data; the file looks truncated")
-    pixels = to_physical(np.concatenate([rows[:, a.science] for a in geom.amps], axis=1), hdu.header)
+    header = hdu.header
+    offset_uint16 = _is_offset_uint16(header) and rows.dtype.kind == "i" and rows.dtype.itemsize == 2
+    if offset_uint16:
+        science = [range(*a.science.indices(rows.shape[1])) for a in geom.amps]
+        pixels = crop_offset_uint16(rows, [r.start for r in science], len(science[0]))  # join + uint16 in one pass
+    else:
+        pixels = to_physical(np.concatenate([rows[:, a.science] for a in geom.amps], axis=1), header)
     if pixels.shape != CHIP_SHAPE:
         raise ChipReadError("bad_shape", f"{where} crops to {pixels.shape}; expected {CHIP_SHAPE}")
     if pixels.dtype.kind == "f" and not np.isfinite(pixels[::16, ::16]).any() and not np.isfinite(pixels).any():
         raise ChipReadError("all_nan", f"{where} has no finite pixel in its science area")
     bias = np.zeros(len(geom.amps), dtype=np.float32)
     for i, amp in enumerate(geom.amps):
-        if amp.prescan is not None:
-            bias[i] = np.median(to_physical(rows[:, amp.prescan], hdu.header))
+        if amp.prescan is None:
+            continue
+        if offset_uint16:
+            prescan = range(*amp.prescan.indices(rows.shape[1]))
+            bias[i] = offset_uint16_median(rows, prescan.start, prescan.stop)
+        else:
+            bias[i] = np.median(to_physical(rows[:, amp.prescan], header))
     return pixels, bias
 
 
@@ -233,6 +288,102 @@ def _expected_extvers(primary: fits.Header) -> list[int]:
     return sorted(extvers)
 
 
+BLOCK = 2880
+"""FITS headers and data areas come in 2880-byte blocks of 36 80-character cards."""
+_DATA_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+_STRUCTURAL = {"SIMPLE", "XTENSION", "BITPIX", "PCOUNT", "GCOUNT", "GROUPS", "EXTNAME"}  # and NAXIS, NAXISn
+
+
+@dataclass
+class MappedImage:
+    """An image extension found by `map_fits`: its header, and its stored values mapped from the file, not read.
+
+    Quacks like the parts of astropy's ImageHDU that `crop_sci` uses: ``section[rows, cols]`` reads only what it
+    touches, and gives the stored (unscaled) values, as astropy does with ``do_not_scale_image_data``.
+    """
+
+    header: fits.Header
+    section: np.ndarray  # stored values, big-endian, shape (NAXISn, ..., NAXIS1)
+
+
+def _card_value(card: bytes) -> str:
+    """The value field of a ``KEYWORD = value / comment`` card, as text: a string's contents or the bare token."""
+    field = card[10:].decode("ascii").strip()
+    if field.startswith("'"):
+        text, i = [], 1
+        while i < len(field):
+            if field[i] == "'":
+                if field[i + 1 : i + 2] != "'":
+                    return "".join(text).rstrip()
+                i += 1
+            text.append(field[i])
+            i += 1
+        raise ValueError("unterminated string")
+    return field.split("/", 1)[0].strip()
+
+
+def map_fits(source: str | bytes) -> tuple[fits.Header, list[tuple[int, MappedImage]]] | None:
+    """The primary header and every SCI image extension of a well-formed local FITS file (or its bytes), or None.
+
+    A fast path for `read_fits`: it walks the headers block by block, reading only the structural keywords of the
+    extensions it skips (ERR, DQ), and maps the SCI data without copying. astropy would build a full Header and
+    HDU object for every extension, which costs more than cropping the chip. Anything it does not expect (not
+    SIMPLE, a missing END, a size that is not exactly the sum of the HDUs, a non-IMAGE extension, random groups,
+    an unreadable path) gives None, and the caller opens the file with astropy, which says what is wrong.
+    """
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            buffer = memoryview(source).cast("B")
+        else:
+            path = source[len("file://") :] if source.startswith("file://") else source
+            with open(path, "rb") as f:
+                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return _walk_hdus(buffer)
+    except (OSError, ValueError, UnicodeDecodeError, KeyError):
+        return None
+
+
+def _walk_hdus(buffer: mmap.mmap | memoryview) -> tuple[fits.Header, list[tuple[int, MappedImage]]] | None:
+    size, pos, index = len(buffer), 0, 0
+    primary, scis = None, []
+    while pos < size:
+        start, cards = pos, {}
+        first = b"SIMPLE  = " if index == 0 else b"XTENSION= "
+        if bytes(buffer[pos : pos + len(first)]) != first:
+            return None
+        while "END" not in cards:  # the header's blocks, up to its END card
+            if pos + BLOCK > size:
+                return None
+            block = bytes(buffer[pos : pos + BLOCK])
+            pos += BLOCK
+            for i in range(0, BLOCK, 80):
+                key = block[i : i + 8].rstrip().decode("ascii")
+                if key == "END":
+                    cards[key] = ""
+                    break
+                if key in _STRUCTURAL or key.startswith("NAXIS"):
+                    if block[i + 8 : i + 10] != b"= ":
+                        return None  # a structural keyword without a value: let astropy judge it
+                    cards[key] = _card_value(block[i : i + 80])
+        kind = cards.get("SIMPLE") if index == 0 else cards.get("XTENSION")
+        bitpix, naxis = int(cards["BITPIX"]), int(cards["NAXIS"])
+        if kind != ("T" if index == 0 else "IMAGE") or "GROUPS" in cards or bitpix not in _DATA_DTYPES:
+            return None
+        axes = [int(cards[f"NAXIS{i}"]) for i in range(1, naxis + 1)]
+        nbytes = abs(bitpix) // 8 * int(cards.get("GCOUNT", 1)) * (int(cards.get("PCOUNT", 0)) + (math.prod(axes) if naxis else 0))
+        data_start, pos = pos, pos + -(-nbytes // BLOCK) * BLOCK
+        if pos > size:
+            return None
+        if index == 0:
+            primary = fits.Header.fromstring(bytes(buffer[start:data_start]).decode("ascii"))
+        elif cards.get("EXTNAME", "").strip().upper() == SCI:
+            header = fits.Header.fromstring(bytes(buffer[start:data_start]).decode("ascii"))
+            stored = np.ndarray(tuple(reversed(axes)), _DATA_DTYPES[bitpix], buffer, data_start) if naxis else np.zeros(0)
+            scis.append((index, MappedImage(header, stored)))
+        index += 1
+    return (primary, scis) if primary is not None else None
+
+
 def read_fits(
     source: str | bytes,
     *,
@@ -250,6 +401,12 @@ def read_fits(
     uri = uri if uri is not None else (source if isinstance(source, str) else "<bytes>")
     name = os.path.basename(uri.rstrip("/")) or uri
     wanted = hdus if hdus else [-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        mapped = None if isinstance(source, str) and is_remote(source) else map_fits(source)
+        if mapped is not None:
+            primary, scis = mapped
+            return _read_selected(primary, scis, False, hdus, uri, name)
     try:
         hdul = _open_checked(source, uri, storage_options)
     except ChipReadError as exc:
@@ -261,32 +418,39 @@ def read_fits(
             scis, cut_short = _sci_hdus(hdul)
         except (OSError, ValueError, TypeError, IndexError) as exc:
             return [ChipError(uri, h, "truncated", f"{name}: headers could not be read ({exc}); the file looks truncated") for h in wanted]
-        missing_class = "truncated" if cut_short else "missing_sci"
-        why = "the file ends early (truncated)" if cut_short else "no such extension"
-        by_index = dict(scis)
-        if hdus:
-            have = ", ".join(f"{i} (SCI,{hdu.header.get('EXTVER', 1)})" for i, hdu in scis) or "none"
-            selected = [
-                (
-                    h,
-                    by_index[h]
-                    if h in by_index
-                    else ChipReadError(missing_class, f"HDU {h} of {name} is not a SCI extension ({why}); SCI HDUs are: {have}"),
+        return _read_selected(primary, scis, cut_short, hdus, uri, name)
+
+
+def _read_selected(
+    primary: fits.Header, scis: list[tuple[int, Any]], cut_short: bool, hdus: list[int] | None, uri: str, name: str
+) -> list[Chip | ChipError]:
+    """The requested SCI extensions (`hdus`, or every one the file has and the instrument should have) -> records."""
+    missing_class = "truncated" if cut_short else "missing_sci"
+    why = "the file ends early (truncated)" if cut_short else "no such extension"
+    by_index = dict(scis)
+    if hdus:
+        have = ", ".join(f"{i} (SCI,{hdu.header.get('EXTVER', 1)})" for i, hdu in scis) or "none"
+        selected = [
+            (
+                h,
+                by_index[h]
+                if h in by_index
+                else ChipReadError(missing_class, f"HDU {h} of {name} is not a SCI extension ({why}); SCI HDUs are: {have}"),
+            )
+            for h in hdus
+        ]
+    else:
+        if not scis and not cut_short:
+            return [ChipError(uri, -1, "missing_sci", f"{name} has no SCI extension; expected SCI,1 and SCI,2 (HDU 1 and 4)")]
+        selected = list(scis)
+        found = {int(hdu.header.get("EXTVER", 1)) for _, hdu in scis}
+        for extver in _expected_extvers(primary):
+            if extver not in found:
+                index = (extver - 1) * RAW_HDU_PER_EXTVER + 1
+                selected.append(
+                    (index, ChipReadError(missing_class, f"SCI,{extver} of {name} is missing ({why}); expected SCI,1 and SCI,2"))
                 )
-                for h in hdus
-            ]
-        else:
-            if not scis and not cut_short:
-                return [ChipError(uri, -1, "missing_sci", f"{name} has no SCI extension; expected SCI,1 and SCI,2 (HDU 1 and 4)")]
-            selected = list(scis)
-            found = {int(hdu.header.get("EXTVER", 1)) for _, hdu in scis}
-            for extver in _expected_extvers(primary):
-                if extver not in found:
-                    index = (extver - 1) * RAW_HDU_PER_EXTVER + 1
-                    selected.append(
-                        (index, ChipReadError(missing_class, f"SCI,{extver} of {name} is missing ({why}); expected SCI,1 and SCI,2"))
-                    )
-        return [_read_one(hdu, index, primary, uri, name) for index, hdu in selected]
+    return [_read_one(hdu, index, primary, uri, name) for index, hdu in selected]
 
 
 def _open_checked(source: str | bytes, uri: str, storage_options: dict | None) -> fits.HDUList:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
-from rawfits import PRESCAN_DN, layout_for, science_pattern, write_file
+from rawfits import PRESCAN_DN, layout_for, sci_header, science_pattern, write_file
 
+from ray_hrc import chips
 from ray_hrc.chips import Chip, ChipError, filter_name, read_fits
 from ray_hrc.layouts import CHIP_SHAPE, LAYOUTS, UnsupportedLayoutError, find_layout
 
@@ -157,3 +158,79 @@ def test_one_bad_chip_does_not_lose_the_other(tmp_path):
 
     records = read_fits(str(write_file(tmp_path / "half_raw.fits", data_fn=data)))
     assert isinstance(records[0], Chip) and isinstance(records[1], ChipError)
+
+
+# --- the fast header walk (map_fits) and WCS against astropy's ---------------------------------------------------------
+
+
+def _astropy_only(monkeypatch):
+    monkeypatch.setattr(chips, "map_fits", lambda source: None)
+
+
+@pytest.mark.parametrize("name", ["ACS/WFC", "WFC3/UVIS"])
+@pytest.mark.parametrize("product", ["raw", "calibrated"])
+def test_fast_path_reads_what_astropy_reads(tmp_path, monkeypatch, name, product):
+    path = write_file(tmp_path / f"x_{product}.fits", name, product, rootname="J96R23B7Q")
+    assert chips.map_fits(str(path)) is not None and chips.map_fits(path.read_bytes()) is not None
+    fast = [read_fits(str(path)), read_fits(path.read_bytes(), uri=str(path)), read_fits(str(path), hdus=[4, 2])]
+    with monkeypatch.context() as m:
+        _astropy_only(m)
+        slow = [read_fits(str(path)), read_fits(path.read_bytes(), uri=str(path)), read_fits(str(path), hdus=[4, 2])]
+    for got, want in zip(fast, slow, strict=True):
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert type(g) is type(w)
+            if isinstance(w, Chip):
+                assert g.meta == w.meta and g.pixels.dtype == w.pixels.dtype
+                np.testing.assert_array_equal(g.pixels, w.pixels)
+                np.testing.assert_array_equal(g.amp_bias, w.amp_bias)
+            else:
+                assert (g.error_class, g.message) == (w.error_class, w.message)
+
+
+def test_fast_path_declines_what_it_does_not_expect(tmp_path):
+    good = write_file(tmp_path / "x_raw.fits").read_bytes()
+    assert chips.map_fits(good) is not None
+    table = fits.BinTableHDU.from_columns([fits.Column(name="a", format="J", array=np.arange(3))], name="SCI")
+    with_table = tmp_path / "table_raw.fits"
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(with_table)
+    for odd in [
+        good[: len(good) // 3],  # truncated in the data
+        good[: 2880 + 1000],  # truncated in the first extension's header
+        good + b"\0" * 100,  # trailing bytes
+        good.replace(b"SIMPLE  =", b"SIMPLX  =", 1),
+        good.replace(b"END" + b" " * 77, b" " * 80),  # no END card anywhere
+        with_table.read_bytes(),  # a table extension: astropy's business
+        b"",
+        str(tmp_path / "missing_raw.fits"),
+        str(tmp_path),  # a directory
+    ]:
+        assert chips.map_fits(odd) is None
+
+
+def test_sky_position_is_astropy_all_pix2world():
+    from astropy.wcs import WCS
+
+    headers = [sci_header(1, layout_for(name)) for name in ("ACS/WFC", "WFC3/UVIS")]
+    h = fits.Header({"NAXIS": 2, "NAXIS1": 4144, "NAXIS2": 2068, "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN"})
+    h.update({"CRVAL1": 359.99, "CRVAL2": -89.5, "CRPIX1": 2000.5, "CRPIX2": 1000.25, "CDELT1": -1.4e-5, "CDELT2": 1.4e-5})
+    headers.append(h.copy())
+    h["CROTA2"] = 33.0
+    headers.append(h.copy())
+    pc = h.copy()
+    del pc["CROTA2"]
+    pc.update({"PC1_1": 0.9, "PC1_2": 0.1, "PC2_1": -0.1, "PC2_2": 0.9, "CTYPE1": "RA---SIN", "CTYPE2": "DEC--SIN", "LONPOLE": 180.0})
+    headers.append(pc)
+    sip = h.copy()
+    sip.update({"CTYPE1": "RA---TAN-SIP", "CTYPE2": "DEC--TAN-SIP", "A_ORDER": 2, "B_ORDER": 2, "A_2_0": 1e-6, "B_0_2": -2e-6})
+    headers.append(sip)  # SIP: astropy's own WCS
+    galactic = h.copy()
+    galactic.update({"CTYPE1": "GLON-CAR", "CTYPE2": "GLAT-CAR"})
+    headers.append(galactic)
+    for header in headers:
+        want = WCS(header, naxis=2).all_pix2world([[2071.5, 1033.5]], 0)[0]
+        assert chips.sky_position(header, 2071.5, 1033.5) == tuple(float(v) for v in want)
+    linear = h.copy()
+    linear.update({"CTYPE1": "LINEAR", "CTYPE2": "LINEAR"})
+    assert chips.sky_position(linear, 1.0, 2.0) is None
+    assert chips.sky_position(sci_header(1, layout_for("ACS/WFC"), with_wcs=False), 1.0, 2.0) is None
