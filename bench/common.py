@@ -77,6 +77,7 @@ def cpu_flags() -> list[str]:
 def machine_info() -> dict:
     """The machine and the versions of everything the figures depend on."""
     import astropy
+    import numba
     import numpy as np
     import psutil
     import ray
@@ -99,6 +100,7 @@ def machine_info() -> dict:
             "ray": ray.__version__,
             "numpy": np.__version__,
             "astropy": astropy.__version__,
+            "numba": numba.__version__,
         },
         "torch_threads": torch.get_num_threads(),
     }

@@ -1,10 +1,13 @@
 """Preprocessing speed on one core: read + crop + bias + normalise, ms per chip, against a naive version.
 
 The naive version is what a first script does: astropy's scaled read of the whole HDU to float, crop, bias from
-the prescan, percentile clipping with np.percentile over all pixels, asinh stretch. The project's path is
-`ray_hrc.chips.read_fits` (memory-mapped, only the chip's rows, uint16 kept) + `ray_hrc.preprocess.normalise`
-(one lookup table per amp). Both run on the same files, already in the page cache, pinned to one core, one pass
-of each after the other in every repeat.
+the prescan, percentile clipping with np.percentile over all pixels, asinh stretch. The project's path is what
+batch classification and Serve run per file (`ray_hrc.data.chip_rows`): `ray_hrc.chips.read_fits` (headers walked
+without astropy's per-HDU objects, the chip's rows memory-mapped, amps joined as uint16 in one compiled pass) +
+`ray_hrc.preprocess.preprocess_row` (`normalise`: percentiles from per-amp histograms, one lookup table per amp
+applied by a compiled loop, written over the chip's own buffer). Both run on the same files, already in the page
+cache, pinned to one core, one pass of each after the other in every repeat. The compiled loops are compiled (or
+loaded from numba's cache) before timing; `jit_cost` measures that once-per-process cost on its own.
 
 Each pass is timed twice: by the process's CPU time (user + system) and by the wall clock. On a machine other
 people use, the wall clock of a single-threaded process pinned to one core counts the time it waited for that
@@ -63,13 +66,13 @@ def naive_chips(path: str) -> list[np.ndarray]:
 def fast_chips(path: str, split: dict[str, float] | None = None) -> list[np.ndarray]:
     """The project's path. With `split`, adds the CPU seconds of reading (``read``) and normalising (``normalise``)."""
     from ray_hrc.chips import Chip, read_fits
-    from ray_hrc.preprocess import NormConfig, normalise
+    from ray_hrc.preprocess import NormConfig, preprocess_row
 
     cfg = NormConfig()
     t0 = time.process_time()
     chips = [c for c in read_fits(path) if isinstance(c, Chip)]
     t1 = time.process_time()
-    out = [normalise(c.pixels, c.amp_bias, cfg) for c in chips]
+    out = [preprocess_row(c.to_row(), cfg)["image"] for c in chips]
     if split is not None:
         split["read"] = split.get("read", 0.0) + t1 - t0
         split["normalise"] = split.get("normalise", 0.0) + time.process_time() - t1
@@ -107,18 +110,23 @@ def profile_fast(files: list[str], top: int = 8) -> list[dict]:
 def breakdown(path: str, repeats: int = 5) -> dict[str, float]:
     """CPU ms of the pieces of the project's path on the first chip of `path` (median of `repeats`).
 
-    ``read_fits`` (open and parse the headers; ``crop_sci``: the chip's rows, the amps' columns joined, uint16
-    conversion, prescan medians; the WCS of the chip centre) and, inside ``normalise``: the clip levels (percentiles
-    of the strided subsample), the lookup tables, the gather ``lut[pixels]``, and for comparison the widening of the
-    uint16 pixels to the platform's index type that a numpy gather with uint16 indices starts with.
+    ``read_fits`` per chip, and inside it: ``map_fits`` (walk the headers, parse the primary and SCI ones, map the
+    data), ``crop_sci`` (the chip's rows, amps joined as uint16 by ``crop_kernel``, prescan medians) and the WCS of
+    the chip centre. ``normalise`` (into a new array), and inside it: the clip levels (histograms of the strided
+    subsample), the lookup tables of all amps, and the compiled gather. For comparison, the numpy gather
+    ``lut[pixels]`` the project used before, and the widening of the uint16 indices that numpy starts it with.
     """
-    from ray_hrc.chips import Chip, chip_centre_radec, read_fits
-    from ray_hrc.preprocess import NormConfig, _stretch, clip_levels, normalise
+    from ray_hrc import kernels
+    from ray_hrc.chips import Chip, chip_centre_radec, crop_sci, map_fits, read_fits
+    from ray_hrc.layouts import find_layout
+    from ray_hrc.preprocess import NormConfig, _luts, clip_levels, normalise
 
     cfg = NormConfig()
     chip = next(c for c in read_fits(path) if isinstance(c, Chip))
     pixels, bias = chip.pixels, chip.amp_bias
-    lut = _stretch(np.arange(65536, dtype=np.float32) / 65536, cfg).astype(cfg.dtype)
+    lo, hi = clip_levels(pixels, bias, cfg)
+    luts = _luts(bias, lo, hi, cfg)
+    bits = luts.view(np.uint16)
 
     def cpu_ms(fn) -> float:
         runs = []
@@ -128,32 +136,67 @@ def breakdown(path: str, repeats: int = 5) -> dict[str, float]:
             runs.append((time.process_time() - t0) * 1e3)
         return statistics.median(runs)
 
-    from ray_hrc.chips import crop_sci, open_fits
-    from ray_hrc.layouts import find_layout
-
-    def headers() -> None:
-        with open_fits(path) as hdul:
-            for hdu in hdul:
-                hdu.header.get("EXTNAME")
-
-    with open_fits(path) as hdul:
-        hdu, primary = hdul[1], hdul[0].header
-        sci = hdu.header
-        layout = find_layout(primary["INSTRUME"], primary["DETECTOR"], (sci["NAXIS2"], sci["NAXIS1"]))
-        extver = int(sci.get("EXTVER", 1))
-        wcs_ms = cpu_ms(lambda: chip_centre_radec(sci, layout, extver, primary))
-        crop_ms = cpu_ms(lambda: crop_sci(hdu, layout, extver, where=path))
+    primary, scis = map_fits(path)
+    index, hdu = scis[0]
+    sci = hdu.header
+    layout = find_layout(primary["INSTRUME"], primary["DETECTOR"], (sci["NAXIS2"], sci["NAXIS1"]))
+    extver = int(sci.get("EXTVER", 1))
+    geom = layout.chips[extver]
+    rows = hdu.section[geom.rows, :]
+    starts = [a.science.start for a in geom.amps]
+    width = geom.amps[0].science.stop - starts[0]
     n_chips = sum(isinstance(c, Chip) for c in read_fits(path))
     return {
         "read_fits_per_chip": cpu_ms(lambda: read_fits(path)) / n_chips,
-        "open_and_parse_headers_per_chip": cpu_ms(headers) / n_chips,
-        "crop_sci": crop_ms,
-        "wcs_centre": wcs_ms,
+        "map_fits_per_chip": cpu_ms(lambda: map_fits(path)) / n_chips,
+        "crop_sci": cpu_ms(lambda: crop_sci(hdu, layout, extver, where=path)),
+        "crop_kernel": cpu_ms(lambda: kernels.crop_offset_uint16(rows, starts, width)),
+        "wcs_centre": cpu_ms(lambda: chip_centre_radec(sci, layout, extver, primary)),
         "normalise": cpu_ms(lambda: normalise(pixels, bias, cfg)),
         "clip_levels": cpu_ms(lambda: clip_levels(pixels, bias, cfg)),
-        "lut_build_per_amp": cpu_ms(lambda: _stretch(np.arange(65536, dtype=np.float32) / 65536, cfg).astype(cfg.dtype)),
-        "gather_lut[pixels]": cpu_ms(lambda: lut[pixels]),
-        "widen_uint16_to_intp": cpu_ms(lambda: pixels.astype(np.intp)),
+        "luts_all_amps": cpu_ms(lambda: _luts(bias, lo, hi, cfg)),
+        "gather_kernel": cpu_ms(lambda: kernels.gather_lut(pixels, bits, np.empty(pixels.shape, np.uint16))),
+        "numpy_gather_lut[pixels]": cpu_ms(lambda: luts[0][pixels]),
+        "numpy_widen_uint16_to_intp": cpu_ms(lambda: pixels.astype(np.intp)),
+    }
+
+
+JIT_PROBE = """
+import json, sys, time
+c0 = time.process_time()
+import ray_hrc.chips, ray_hrc.preprocess
+from bench.preprocess import fast_chips
+c1 = time.process_time()
+fast_chips(sys.argv[1])
+c2 = time.process_time()
+fast_chips(sys.argv[1])
+c3 = time.process_time()
+print(json.dumps({"import_s": c1 - c0, "first_s": c2 - c1, "warm_s": c3 - c2}))
+"""
+
+
+def jit_cost(path: str) -> dict[str, float]:
+    """CPU seconds a fresh process pays once for the compiled loops: compiling them (empty numba cache), and loading
+    them from the cache (the usual case: a second process with the same cache). Each is the first call on `path`
+    minus a warm call; ``import_s`` is importing the package (astropy and numba included) in the second process."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="numba_cache_") as cache:
+        env = {
+            **os.environ,
+            "NUMBA_CACHE_DIR": cache,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        }
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-c", JIT_PROBE, path], env=env, cwd=root, capture_output=True, text=True, check=True)
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {
+        "compile_s": runs[0]["first_s"] - runs[0]["warm_s"],
+        "cache_load_s": runs[1]["first_s"] - runs[1]["warm_s"],
+        "import_s": runs[1]["import_s"],
     }
 
 
@@ -191,6 +234,7 @@ def measure(files: list[str], repeats: int = 3, profile: bool = True) -> dict:
         "preprocess_max_abs_diff_vs_naive": agree,
         "preprocess_profile": profile_fast(files) if profile else [],
         "preprocess_breakdown_ms": breakdown(files[0]) if profile else {},
+        "preprocess_jit": jit_cost(files[0]) if profile else {},
         "files": len(files),
         "chips": n,
         "repeats": repeats,

@@ -1,6 +1,7 @@
 """The benchmark of the project (issue 6): one program, one table, ``results.json`` and ``RESULTS.md``.
 
     python bench/run.py [--quick] [--device cpu|cuda|auto] [--out bench/] [--sections preprocess,inference,...]
+    python bench/run.py --sections preprocess --merge-into bench/results.json   # re-measure one section of a run
 
 Sections, each in its own Python process (so that one section's threads, core pinning, memory or Ray cluster never
 leak into another's figures), all on one synthetic archive written once:
@@ -174,6 +175,32 @@ def spawn_section(name: str, plan_path: Path, workdir: Path, timeout: float) -> 
 # --- the driver ----------------------------------------------------------------------------------------------------------
 
 
+def merge_into(old: dict, sections: list[str], results: dict, plan: dict, machine: dict, run: dict) -> tuple[dict, dict, dict, dict]:
+    """An earlier run's results with `sections` replaced by this run's, and a note in the plan saying which and when.
+
+    The machine description keeps the earlier run's (its load figures describe that run), with this run's versions.
+    """
+    if old["plan"]["quick"] != plan["quick"]:
+        raise SystemExit(
+            f"cannot merge a {'quick' if plan['quick'] else 'full'} run into a {'quick' if old['plan']['quick'] else 'full'} one"
+        )
+    c = run["contention"]
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(run["started"]))
+    note = (
+        f"Section(s) {', '.join(sections)} re-measured on {when} (`{run['command']}`; load average "
+        f"{', '.join(f'{x:.2f}' for x in c['loadavg_start'])} at its start, some task waiting for a CPU "
+        + ("n/a" if c["cpu_pressure_some"] is None else f"{100 * c['cpu_pressure_some']:.0f}%")
+        + " of its wall time) and merged into this run's results; the other sections are the run's own."
+    )
+    merged_plan = {**old["plan"], "notes": [*old["plan"].get("notes", []), note]}
+    merged_run = {
+        **old["run"],
+        "section_wall_s": {**old["run"]["section_wall_s"], **{k: results[k].get("section_wall_s") for k in sections}},
+    }
+    merged_machine = {**old["machine"], "versions": {**old["machine"]["versions"], **machine["versions"]}}
+    return {**old["sections"], **{k: results[k] for k in sections}}, merged_plan, merged_machine, merged_run
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small inputs and narrow models: a smoke test (CI), not the figures")
@@ -183,6 +210,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="scratch folder for the archive and checkpoints (default: a temporary one)")
     parser.add_argument(
         "--report-from", default=None, help="rewrite the table and RESULTS.md from an existing results.json; measure nothing"
+    )
+    parser.add_argument(
+        "--merge-into",
+        default=None,
+        help="an existing results.json: keep its other sections, replace the ones measured now, write both files to --out",
     )
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -269,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
     }
     plan.pop("files", None)
+    wall_min = run["wall_s"] / 60
+    if args.merge_into:
+        results, plan, machine, run = merge_into(json.loads(Path(args.merge_into).read_text()), sections, results, plan, machine, run)
     json_path, md_path, figs = report.write(Path(args.out), results, plan, machine, run)
     print()
     print(report.text_table(figs))
-    print(f"\nbench wall time {run['wall_s'] / 60:.1f} min; wrote {json_path} and {md_path}")
+    print(f"\nbench wall time {wall_min:.1f} min; wrote {json_path} and {md_path}")
     failed = [k for k, v in results.items() if "error" in v and not v["error"].startswith("not run")]
     if failed:
         print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)

@@ -88,3 +88,30 @@ def test_results_md_and_table(quick_bench):
         assert figure["name"] in text and figure["reproduce"] in text
     assert any(line.startswith("#  figure") and line.rstrip().endswith("met  n") for line in stdout.splitlines())  # the printed table
     assert results["plan"]["quick"] is True
+
+
+def test_merge_into_replaces_only_the_sections_measured():
+    """`bench/run.py --sections preprocess --merge-into results.json`: the other sections stay the earlier run's."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.run import merge_into
+
+    old = {
+        "sections": {"preprocess": {"preprocess_ms_per_chip": 40.0}, "train": {"train_ray_vs_plain": 0.9}},
+        "plan": {"quick": False, "notes": ["archive"]},
+        "machine": {"cpu": "old", "versions": {"numpy": "1"}},
+        "run": {"wall_s": 900.0, "section_wall_s": {"preprocess": 15.0, "train": 200.0}},
+    }
+    new = {"preprocess": {"preprocess_ms_per_chip": 7.0, "section_wall_s": 17.0}, "train": {"error": "not run (--sections)"}}
+    run = {
+        "started": 0.0,
+        "command": "python bench/run.py --sections preprocess",
+        "contention": {"loadavg_start": [1.0, 2.0, 3.0], "cpu_pressure_some": 0.5},
+    }
+    sections, plan, machine, merged_run = merge_into(old, ["preprocess"], new, {"quick": False}, {"versions": {"numba": "2"}}, run)
+    assert sections == {"preprocess": new["preprocess"], "train": old["sections"]["train"]}
+    assert plan["notes"][0] == "archive" and "preprocess re-measured" in plan["notes"][1] and "50%" in plan["notes"][1]
+    assert machine == {"cpu": "old", "versions": {"numpy": "1", "numba": "2"}}
+    assert merged_run["section_wall_s"] == {"preprocess": 17.0, "train": 200.0} and merged_run["wall_s"] == 900.0
+    with pytest.raises(SystemExit, match="quick"):
+        merge_into(old, ["preprocess"], new, {"quick": True}, {"versions": {}}, run)
