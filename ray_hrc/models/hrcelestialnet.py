@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ray_hrc.models import register_model
+from ray_hrc.models.stem import StemConv2d
 
 BLOCKS: tuple[tuple[tuple[tuple[int, int], ...], tuple[int, int]], ...] = (
     # ((out_channels, kernel) per convolution, ...), (pool kernel, pool stride); stride 1 and no padding everywhere
@@ -141,7 +142,8 @@ class HRCelestialNet(nn.Module):
             layers: list[nn.Module] = []
             for out_channels, kernel in convs:
                 out_channels = scaled(out_channels, width)
-                layers += [nn.Conv2d(channels, out_channels, kernel), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+                conv = StemConv2d if channels == 1 else nn.Conv2d  # an nn.Conv2d with a compiled CPU path for one input channel
+                layers += [conv(channels, out_channels, kernel), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
                 channels = out_channels
             layers.append(nn.MaxPool2d(pool_kernel, pool_stride))
             setattr(self, f"conv{index}", nn.Sequential(*layers))  # conv1 .. conv7
