@@ -25,16 +25,21 @@ N_LEVELS = 65536
 """Distinct uint16 values: the length of each amp's lookup table and histogram."""
 
 
-def _jit(fn):
-    """`numba.njit` with the on-disk cache where one can be written, without it otherwise; never holds the GIL."""
+def jit(fn=None, /, **options):
+    """`numba.njit` with the on-disk cache where one can be written, without it otherwise; never holds the GIL.
+
+    Use as ``@jit`` or ``@jit(fastmath=True)``; `options` go to `numba.njit`.
+    """
+    if fn is None:
+        return lambda f: jit(f, **options)
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        return numba.njit(cache=True, nogil=True, **options)(fn)
     except RuntimeError as exc:  # numba found no writable cache directory (read-only install and no usable home)
         logger.info("numba cache unavailable for %s (%s); compiling in memory, once per process", fn.__name__, exc)
-        return numba.njit(nogil=True)(fn)
+        return numba.njit(nogil=True, **options)(fn)
 
 
-@_jit
+@jit
 def _crop_offset_uint16(stored: np.ndarray, starts: np.ndarray, width: int, swap: bool, out: np.ndarray) -> None:
     for i in range(out.shape[0]):
         src = stored[i]
@@ -68,7 +73,7 @@ def crop_offset_uint16(stored: np.ndarray, starts: list[int], width: int) -> np.
     return out
 
 
-@_jit
+@jit
 def _offset_uint16_median(stored: np.ndarray, start: int, stop: int, swap: bool) -> float:
     lowest, highest = 65535, 0
     for i in range(stored.shape[0]):  # the range of levels first, so that the histogram is as small as the data
@@ -109,7 +114,7 @@ def offset_uint16_median(stored: np.ndarray, start: int, stop: int) -> float:
     return float(_offset_uint16_median(stored.view(np.uint16), start, stop, not stored.dtype.isnative))
 
 
-@_jit
+@jit
 def _gather_lut(pixels: np.ndarray, luts: np.ndarray, out: np.ndarray) -> None:
     n_amps = luts.shape[0]
     width = pixels.shape[1] // n_amps
@@ -138,7 +143,7 @@ def gather_lut(pixels: np.ndarray, luts: np.ndarray, out: np.ndarray) -> np.ndar
     return out
 
 
-@_jit
+@jit
 def _sample_histograms(pixels: np.ndarray, step: int, n_amps: int) -> np.ndarray:
     width = pixels.shape[1] // n_amps
     hist = np.zeros((n_amps, 65536), np.int64)
@@ -159,7 +164,7 @@ def sample_histograms(pixels: np.ndarray, step: int, n_amps: int) -> np.ndarray:
     return _sample_histograms(pixels, max(1, int(step)), n_amps)
 
 
-@_jit
+@jit
 def _order_statistics(hist: np.ndarray, offsets: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     n_amps = hist.shape[0]
     values = np.empty(ranks.shape[0], np.float32)

@@ -203,6 +203,6 @@ def test_compiles_without_a_cache_directory(caplog):
     namespace: dict = {}
     exec("def twice(x):\n    return 2 * x\n", namespace)  # noqa: S102 - no file behind it, so no cache locator
     with caplog.at_level(logging.INFO, logger="ray_hrc.kernels"):
-        twice = kernels._jit(namespace["twice"])
+        twice = kernels.jit(namespace["twice"])
     assert twice(21) == 42
     assert "compiling in memory" in caplog.text

@@ -13,17 +13,18 @@ an input that does not need its gradient (a model's first layer). Anything else 
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ray_hrc.kernels import jit
+
 MAX_OUT_CHANNELS = 8
 """Above this many output channels oneDNN's own kernels are as fast (width-1 conv1 has 32)."""
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@jit(fastmath=True)
 def _forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     """out[n, c, y, :] = b[c] + sum_{ky, kx} w[c, ky, kx] * x[n, y + ky, kx : kx + Wo]."""
     n_images, channels, rows, cols = out.shape
@@ -43,7 +44,7 @@ def _forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> No
                             o[i] += wv * row[i + kx]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@jit(fastmath=True)
 def _weight_grad(x: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover - compiled
     """dL/dw[c, ky, kx] = sum_{n, y, i} g[n, c, y, i] * x[n, y + ky, i + kx]; float32 dot per row, float64 across rows."""
     n_images, channels, rows, cols = g.shape
