@@ -50,6 +50,7 @@ class DataConfig:
     split_seed: int = 0
     synth_bodies: int = 8  # only when manifest is None
     synth_seed: int = 0
+    cache: bool = False  # read and crop every chip once into Ray's object store (16 MiB a chip) instead of every epoch
     read: ReadConfig = field(default_factory=ReadConfig)
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from ray_hrc.checkpoint import load_checkpoint
 from ray_hrc.config import ConfigError, load_config
-from ray_hrc.train import check_resources, run_training
+from ray_hrc.data import good_chips, read_chips
+from ray_hrc.manifest import read_manifest, write_manifest
+from ray_hrc.train import cache_datasets, check_resources, run_training
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -40,7 +42,7 @@ def _kill_a_worker_after(path: Path, done: threading.Event, killed: list) -> Non
 
 
 def test_train_resume_at_next_epoch_and_survive_a_killed_worker(ray_session, tiny_archive, tmp_path):
-    overrides = [f"data.manifest={tiny_archive}", f"run.storage_path={tmp_path}", "run.name=r", "data.test_fraction=0.3"]
+    overrides = [f"data.manifest={tiny_archive}", f"run.storage_path={tmp_path}", "run.name=r", "data.test_fraction=0.3", "data.cache=true"]
     first = run_training(load_config(SMOKE, overrides + ["train.epochs=1"]))
     assert [h["epoch"] for h in first.history] == [1]
     state = load_checkpoint(first.best_checkpoint)
@@ -81,3 +83,27 @@ def test_refuses_workers_that_starve_ingest(ray_session):
     with pytest.raises(ConfigError, match="would wait forever"):
         check_resources(cfg)
     check_resources(load_config(SMOKE, ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.batch_size=2"]))
+
+
+def test_cached_chips_are_read_once(ray_session, tiny_archive, tmp_path, monkeypatch):
+    """data.cache: chips are read into the object store once; epochs iterate them with the files gone."""
+    import shutil
+
+    import ray_hrc.train
+
+    files = read_manifest(str(tiny_archive))
+    for uri in files["URI"].unique():
+        shutil.copy(uri, tmp_path)
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(files.assign(URI=[str(tmp_path / Path(u).name) for u in files["URI"]]), manifest)
+    cfg = load_config(SMOKE, [f"data.manifest={manifest}", "data.cache=true"])
+    cached = cache_datasets({"train": good_chips(read_chips(str(manifest), cfg.data.read))}, [str(manifest)], cfg)
+    for fits_file in tmp_path.glob("*.fits"):
+        fits_file.unlink()
+    for _epoch in range(2):
+        rows = list(cached["train"].iter_rows())
+        assert len(rows) == len(files) and all(r["pixels"].shape == (2048, 4096) for r in rows)
+
+    monkeypatch.setattr(ray_hrc.train, "CHIP_BYTES", 2**40)
+    with pytest.raises(ConfigError, match=r"data.cache: \d+ chips need .* GiB of object store"):
+        cache_datasets({}, [str(manifest)], cfg)
