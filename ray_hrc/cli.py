@@ -157,8 +157,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     init_ray(args.address)
     read, model_stage = _classify_configs(args)
     kwargs = dict(read=read, config=model_stage, blurry=args.blurry)
+    if args.catalog and len(args.checkpoint) > 1:
+        raise SystemExit("--catalog scores one checkpoint's catalog; give a single --checkpoint")
     if len(args.checkpoint) == 1:
-        metrics = evaluate_checkpoint(args.checkpoint[0], args.manifest, args.out, overwrite=args.overwrite, **kwargs)
+        metrics = evaluate_checkpoint(args.checkpoint[0], args.manifest, args.out, overwrite=args.overwrite, catalog=args.catalog, **kwargs)
         print(open(f"{args.out}/metrics.md").read())
         print(f"confusion matrix [true x predicted; galaxy, NSC]: {metrics['confusion']}; report in {args.out}")
     else:
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="labelled LCID-format manifest")
     p.add_argument("--blurry", default=None, help="manifest of the blurry subset (the paper's LCID-Blurry), reported on its own")
     p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--catalog", default=None, help="score this checkpoint's existing catalog (from classify) instead of classifying again")
     _add_source_args(p)
     _add_model_stage_args(p)
     p.set_defaults(func=cmd_evaluate)

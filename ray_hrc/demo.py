@@ -89,7 +89,7 @@ def run_demo(out: str = "demo_out", config: str | Path = DEMO_CONFIG, overrides:
 
     t0 = time.perf_counter()
     report = evaluate_checkpoint(outcome.best_checkpoint, f"{outcome.run_dir}/test.csv", str(out_path / "report"), overwrite=True,
-                                 blurry=None)  # fmt: skip
+                                 catalog=summary["catalog"])  # fmt: skip  # the held-out chips are in the archive's catalog
     print((out_path / "report" / "metrics.md").read_text())
     print(f"[report] {out_path / 'report'}: metrics.json, metrics.md, confusion.png, misclassified.png ({time.perf_counter() - t0:.0f} s)")
     result = {"train": m, "classify": summary, "evaluate": report, "wall_s": round(time.perf_counter() - start, 1)}

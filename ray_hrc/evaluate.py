@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ray_hrc.checkpoint import CLASS_NAMES
-from ray_hrc.classify import ClassifyConfig, classify_archive
+from ray_hrc.classify import FORMATS, ClassifyConfig, classify_archive
 from ray_hrc.data import ReadConfig
 from ray_hrc.manifest import read_manifest
 from ray_hrc.train import classification_metrics, confusion_matrix
@@ -83,8 +83,14 @@ def evaluate_checkpoint(
     config: ClassifyConfig = ClassifyConfig(),
     blurry: str | None = None,
     overwrite: bool = False,
+    catalog: str | None = None,
 ) -> dict[str, Any]:
-    """Classify a labelled manifest and write ``metrics.json``, ``metrics.md``, ``confusion.png`` and ``misclassified.png``."""
+    """Classify a labelled manifest and write ``metrics.json``, ``metrics.md``, ``confusion.png`` and ``misclassified.png``.
+
+    catalog: a catalog that `classify_archive` already wrote with this checkpoint for a superset of the manifest's
+    chips (``make demo`` classifies the whole archive first); its rows for the manifest's chips are scored instead
+    of classifying them again. Every chip of the manifest must be in it.
+    """
     from ray_hrc.checkpoint import load_checkpoint
     from ray_hrc.plots import confusion_plot
 
@@ -94,33 +100,63 @@ def evaluate_checkpoint(
     resize = (state.get("preprocess") or {}).get("resize")
     dataset = "LCID-Resize" if resize else "LCID"
     name = state["model_name"]
-    summary = classify_archive([manifest], checkpoint, str(out_path / "catalog"), read=read, config=config, overwrite=overwrite)
-    catalog = pd.read_parquet(summary["catalog"]) if config.format == "parquet" else _read_any(summary["catalog"], config.format)
+    if catalog is None:
+        summary = classify_archive([manifest], checkpoint, str(out_path / "catalog"), read=read, config=config, overwrite=overwrite)
+        table = _read_any(summary["catalog"], config.format)
+        failed = summary["failed"]
+    else:
+        table = chips_of(_read_any(catalog, _format_of(catalog)), manifest, read)
+        wanted = len(read_manifest(manifest, template=read.template, storage_options=read.storage_options or None))
+        if len(table) < wanted:
+            raise ValueError(
+                f"{catalog} holds {len(table)} of the {wanted} chips of {manifest}; classify them first or evaluate without catalog"
+            )
+        other = sorted(set(table["checkpoint"]) - {state.get("weights_hash", "")})
+        if other:
+            raise ValueError(f"{catalog} was classified with weights {other}, not those of {checkpoint} ({state.get('weights_hash', '')})")
+        failed = 0
     metrics: dict[str, Any] = {
         "model": name,
         "dataset": dataset,
         "checkpoint": checkpoint,
         "weights": state.get("weights_hash", ""),
-        **score(catalog),
+        **score(table),
     }
-    metrics["failed_chips"] = summary["failed"]
+    metrics["failed_chips"] = failed
     rows = [table_row(name, dataset, metrics)]
     confusion_plot(
         metrics["confusion"], CLASS_NAMES, out_path / "confusion.png", title=f"{name} on {dataset}: {100 * metrics['accuracy']:.1f}%"
     )
     if blurry:
-        keys = read_manifest(blurry, template=read.template, storage_options=read.storage_options or None)
-        subset = catalog.merge(keys[["URI", "HDU Index"]].rename(columns={"URI": "uri", "HDU Index": "hdu"}), on=["uri", "hdu"])
-        metrics["blurry"] = score(subset)
+        metrics["blurry"] = score(chips_of(table, blurry, read))
         rows.append(table_row(name, f"{dataset}-Blurry", metrics["blurry"]))
         confusion_plot(metrics["blurry"]["confusion"], CLASS_NAMES, out_path / "confusion_blurry.png", title=f"{name} on blurry chips")
-    misclassified_gallery(catalog, out_path / "misclassified.png", read)
+    misclassified_gallery(table, out_path / "misclassified.png", read)
     (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_path / "metrics.md").write_text("\n".join([TABLE_HEADER, "|" + "---|" * 9, *rows]) + "\n")
     return metrics
 
 
+def chips_of(catalog: pd.DataFrame, manifest: str, read: ReadConfig) -> pd.DataFrame:
+    """The rows of `catalog` for the chips a manifest lists (matched on URI and HDU)."""
+    keys = read_manifest(manifest, template=read.template, storage_options=read.storage_options or None)
+    keys = keys[["URI", "HDU Index"]].rename(columns={"URI": "uri", "HDU Index": "hdu"}).drop_duplicates()
+    return catalog.merge(keys.astype({"hdu": catalog["hdu"].dtype}), on=["uri", "hdu"])
+
+
+def _format_of(path: str) -> str:
+    """A catalog's format from its extension (the names `classify_archive` writes)."""
+    by_ext = {ext: fmt for fmt, ext in FORMATS.items()}
+    ext = path.rsplit(".", 1)[-1].lower()
+    if ext not in by_ext:
+        raise ValueError(f"{path}: cannot tell the catalog's format from its extension; expected one of {sorted(by_ext)}")
+    return by_ext[ext]
+
+
 def _read_any(path: str, fmt: str) -> pd.DataFrame:
+    if fmt == "parquet":
+        with fsspec.open(path, "rb") as fh:
+            return pd.read_parquet(fh)
     if fmt == "csv":
         with fsspec.open(path) as fh:
             return pd.read_csv(fh, keep_default_na=False)

@@ -124,3 +124,23 @@ def test_evaluate_writes_the_report(ray_session, tiny_archive, random_checkpoint
     if metrics["accuracy"] < 1:
         assert (tmp_path / "report" / "misclassified.png").exists()
     assert "| hrcelestialnet | LCID |" in (tmp_path / "report" / "metrics.md").read_text()
+
+
+def test_evaluate_scores_an_existing_catalog_like_a_fresh_classification(ray_session, tiny_archive, random_checkpoint, tmp_path):
+    """`catalog=`: the held-out chips' rows of a whole-archive catalog give the report that classifying them gives."""
+    from ray_hrc.evaluate import evaluate_checkpoint
+
+    full = read_manifest(str(tiny_archive))
+    subset = tmp_path / "subset.csv"
+    write_manifest(full[full["ID"] == full["ID"].iloc[0]], subset)
+    archive = classify_archive([str(tiny_archive)], random_checkpoint, str(tmp_path / "archive_catalog"))
+    fresh = evaluate_checkpoint(random_checkpoint, str(subset), str(tmp_path / "fresh"))
+    reused = evaluate_checkpoint(random_checkpoint, str(subset), str(tmp_path / "reused"), catalog=archive["catalog"])
+    assert reused["chips"] == fresh["chips"] == (full["ID"] == full["ID"].iloc[0]).sum()
+    assert reused["confusion"] == fresh["confusion"]
+    assert not (tmp_path / "reused" / "catalog").exists()  # nothing classified again
+
+    with pytest.raises(ValueError, match=r"holds 0 of the \d+ chips of"):
+        other = tmp_path / "other.csv"
+        write_manifest(full.assign(URI=full["URI"].str.replace("_raw.fits", "_elsewhere.fits")), other)
+        evaluate_checkpoint(random_checkpoint, str(other), str(tmp_path / "missing"), catalog=archive["catalog"])
