@@ -89,7 +89,10 @@ def chip_rows(
 
 
 def read_chips(
-    source: list[str] | str | pd.DataFrame, config: ReadConfig = ReadConfig(), norm: NormConfig | None = None
+    source: list[str] | str | pd.DataFrame,
+    config: ReadConfig = ReadConfig(),
+    norm: NormConfig | None = None,
+    shuffle_seed: int | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of chip rows (good and error rows, see the module docstring) from any source.
 
@@ -98,6 +101,9 @@ def read_chips(
     Files are listed once on the driver (or taken from the manifest as they are) and each file is read by
     its own task: nothing is fetched or stat-ed per file on the driver. With `norm`, chips are also normalised
     in that task (rows carry ``image`` instead of ``pixels``; see `chip_rows`).
+    With `shuffle_seed`, the files are read in a shuffled order, a new one each time the dataset is executed (each
+    training epoch), reproducible from the seed: a manifest lists a body's chips together, and SGD on batches of
+    one body at a time learns poorly. Only the small list of files is shuffled, so reading still streams.
     """
     files = source if isinstance(source, pd.DataFrame) else resolve_sources(source, config.source_options())
     if files.empty:
@@ -105,6 +111,8 @@ def read_chips(
     logger.info("reading %d file(s)", len(files))
     items = files.to_dict("records")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if shuffle_seed is not None:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(shuffle_seed))  # one file per block; reseeded every execution
     return ds.flat_map(
         chip_rows,
         fn_kwargs={"storage_options": config.storage_options or None, "norm": norm},

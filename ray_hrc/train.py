@@ -13,6 +13,7 @@ import random
 import tempfile
 import time
 import zlib
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,25 @@ def eval_step(model: nn.Module, x: torch.Tensor, autocast=nullcontext) -> torch.
     model.eval()
     with autocast():
         return model(x).float()
+
+
+def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor], autocast=nullcontext) -> None:
+    """Precise BatchNorm: running statistics recomputed from `inputs` with the current weights, averaged over workers.
+
+    The running averages that training keeps mix statistics of many past weights; while weights still move fast (a
+    short run, a narrow model at a high learning rate) they lag, and evaluation in eval mode suffers. This resets them
+    and takes the mean of the batch statistics over `inputs` (`torch.optim.swa_utils.update_bn`, in train mode, no
+    gradients), then averages them across data-parallel workers. Every worker must call it (it all-reduces).
+    """
+    with autocast():
+        torch.optim.swa_utils.update_bn(inputs, module)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
+        flat = torch.cat([t.reshape(-1).float() for t in stats])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for t, value in zip(stats, torch.split(flat, [t.numel() for t in stats]), strict=True):
+            t.copy_(value.view_as(t))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(CLASS_NAMES)) -> np.ndarray:
@@ -225,8 +245,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     test_ds = ray.train.get_dataset_shard("test")
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    bn_batches = -(-cfg.train.precise_bn_chips // cfg.train.batch_size)  # per worker: batch_size is global
     for epoch in range(start_epoch, cfg.train.epochs):
         t0, n_chips, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        bn_inputs: deque[torch.Tensor] = deque(maxlen=max(1, bn_batches))
         for batch in train_shard.iter_batches(
             batch_size=per_worker,
             batch_format="numpy",
@@ -234,12 +256,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             local_shuffle_seed=cfg.train.seed + epoch,
         ):
             x, y = batch_to_tensors(batch, cfg.preprocess, cfg.augment, rng)
-            loss_sum += train_step(model, optimizer, x.to(device, memory_format=memory_format), y.to(device), autocast) * len(y)
+            x = x.to(device, memory_format=memory_format)
+            loss_sum += train_step(model, optimizer, x, y.to(device), autocast) * len(y)
+            if bn_batches:
+                bn_inputs.append(x)
             if scheduler is not None:
                 scheduler.step()
             n_chips += len(y)
             steps += 1
         train_s = time.perf_counter() - t0
+        if bn_batches:
+            recalibrate_batchnorm(module, list(bn_inputs), autocast)
+        bn_inputs.clear()
         sums = _all_reduce(np.array([loss_sum, n_chips, train_s]))
         metrics = {
             "epoch": epoch + 1,
@@ -315,7 +343,7 @@ def prepare_manifests(cfg: JobConfig, run_dir: str) -> tuple[str, str]:
 
         if "://" in run_dir:
             raise ConfigError("data.manifest is required when the run is stored remotely (a synthetic archive is written locally)")
-        manifest = str(synthesize_archive(os.path.join(run_dir, "archive"), bodies=cfg.data.synth_bodies, seed=cfg.data.synth_seed))
+        manifest = str(synthesize_archive(os.path.join(run_dir, "archive"), **cfg.data.synth_kwargs()))
     read = cfg.data.read
     df = read_manifest(manifest, template=read.template, storage_options=read.storage_options or None)
     if cfg.data.test_manifest:
@@ -398,9 +426,13 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
         train_csv, test_csv = f"{run_dir}/train.csv", f"{run_dir}/test.csv"
     else:
         train_csv, test_csv = prepare_manifests(cfg, run_dir)
-    datasets = {"train": good_chips(read_chips(train_csv, cfg.data.read)), "test": good_chips(read_chips(test_csv, cfg.data.read))}
+    train = good_chips(read_chips(train_csv, cfg.data.read, shuffle_seed=cfg.train.seed))  # a new file order every epoch
+    datasets = {"train": train, "test": good_chips(read_chips(test_csv, cfg.data.read))}
     if cfg.data.cache:
         datasets = cache_datasets(datasets, [train_csv, test_csv], cfg)
+        datasets["train"] = datasets["train"].randomize_block_order(
+            seed=ray.data.RandomSeedConfig(cfg.train.seed)
+        )  # the cached blocks, reordered every epoch
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": _steps_per_epoch(train_csv, cfg)},

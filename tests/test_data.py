@@ -129,3 +129,17 @@ def test_crop_cli_local(ray_session, mixed_archive, tmp_path):
 def test_summarize_counts_both():
     rows = [{"uri": "a", "error_class": "", "label_true": "galaxy"}, {"uri": "a", "error_class": "truncated", "label_true": ""}]
     assert summarize(rows) == {"chips": 1, "errors": 1, "files": 1, "errors_by_class": {"truncated": 1}, "by_label": {"galaxy": 1}}
+
+
+def test_shuffled_reads_give_every_chip_in_a_new_order_each_epoch(ray_session, tiny_archive):
+    """shuffle_seed: a manifest lists a body's chips together; training must not see them in that order every epoch."""
+    from ray_hrc.manifest import read_manifest
+
+    def epochs(ds, n):
+        return [[(r["uri"], int(r["hdu"])) for r in ds.select_columns(["uri", "hdu"]).iter_rows()] for _ in range(n)]
+
+    listed = read_manifest(str(tiny_archive))
+    first, second = epochs(read_chips(str(tiny_archive), shuffle_seed=0), 2)
+    assert sorted(first) == sorted(second) == sorted(zip(listed["URI"], listed["HDU Index"].astype(int), strict=True))  # every chip once
+    assert first != second  # reshuffled between executions
+    assert epochs(read_chips(str(tiny_archive), shuffle_seed=0), 2) == [first, second]  # reproducible from the seed
