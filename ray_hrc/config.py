@@ -50,8 +50,13 @@ class DataConfig:
     split_seed: int = 0
     synth_bodies: int = 8  # only when manifest is None
     synth_seed: int = 0
+    synth_files_per_body: tuple[int, int] = (2, 4)  # raw files per body, at least and at most (1 or 2 chips each)
     cache: bool = False  # read and crop every chip once into Ray's object store (16 MiB a chip) instead of every epoch
     read: ReadConfig = field(default_factory=ReadConfig)
+
+    def synth_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `ray_hrc.synth.synthesize_archive` for the synthetic archive this config asks for."""
+        return {"bodies": self.synth_bodies, "seed": self.synth_seed, "files_per_body": tuple(self.synth_files_per_body)}
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last memory format on GPU
     checkpoint_large: bool = False  # activation checkpointing of the large-size component (conv1-conv3)
     shuffle_buffer: int = 8  # chips held per worker for local shuffling
+    precise_bn_chips: int = 0  # before each evaluation, recompute BatchNorm statistics with the epoch's final weights from this many of its last training chips (all workers together); 0 keeps the running averages
 
 
 @dataclass(frozen=True)

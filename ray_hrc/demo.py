@@ -69,7 +69,7 @@ def run_demo(out: str = "demo_out", config: str | Path = DEMO_CONFIG, overrides:
     init_ray(num_cpus=os.cpu_count())
 
     t0 = time.perf_counter()
-    manifest = synthesize_archive(out_path / "archive", bodies=cfg.data.synth_bodies, seed=cfg.data.synth_seed)
+    manifest = synthesize_archive(out_path / "archive", **cfg.data.synth_kwargs())
     print(f"[synth] {manifest.parent}: {len(list(manifest.parent.glob('*_raw.fits')))} raw files in {time.perf_counter() - t0:.1f} s")
     ingest_preview(str(manifest), out_path)
 

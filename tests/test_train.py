@@ -10,7 +10,7 @@ import torch
 
 from ray_hrc.config import AugmentConfig, ConfigError, load_config
 from ray_hrc.models import build_model
-from ray_hrc.train import augment, classification_metrics, confusion_matrix, label_index
+from ray_hrc.train import augment, classification_metrics, confusion_matrix, label_index, recalibrate_batchnorm
 
 CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml") if not p.name.startswith("classify"))
 
@@ -70,3 +70,21 @@ def test_config_errors_and_overrides(tmp_path):
     assert (cfg.train.epochs, cfg.train.lr, cfg.model.kwargs, cfg.preprocess.resize) == (3, 0.01, {"width": 0.5}, (224, 448))
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_config(path, ["train.lr"])
+
+
+def test_precise_batchnorm_replaces_lagging_running_stats_by_the_current_weights_batch_statistics():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+    bn = model[1]
+    bn.running_mean.fill_(5.0)  # stale: statistics of weights long gone
+    bn.running_var.fill_(9.0)
+    inputs = [torch.randn(2, 1, 16, 16) * 3 + 1 for _ in range(3)]
+    model.eval()
+    recalibrate_batchnorm(model, inputs)
+    with torch.no_grad():
+        outs = [model[0](x) for x in inputs]
+    expected_mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    expected_var = torch.stack([o.transpose(0, 1).reshape(3, -1).var(1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
+    assert not model.training and bn.momentum == 0.1  # mode and momentum are restored
