@@ -382,15 +382,13 @@ def check_resources(cfg: JobConfig) -> None:
         )
 
 
-def cache_datasets(datasets: dict[str, ray.data.Dataset], manifests: list[str], cfg: JobConfig) -> dict[str, ray.data.Dataset]:
+def cache_datasets(datasets: dict[str, ray.data.Dataset], chips: int) -> dict[str, ray.data.Dataset]:
     """Read and crop every chip once, into the object store (`Dataset.materialize`), so epochs do not re-read files.
 
-    Refused, before anything is read, when the chips would need more than half of the cluster's object store: they
-    would spill to disk, which is slower than reading the files again.
+    chips: how many chips the datasets hold together (their manifests' rows). Refused, before anything is read, when
+    they would need more than half of the cluster's object store: they would spill to disk, which is slower than
+    reading the files again.
     """
-    chips = sum(
-        len(read_manifest(m, template=cfg.data.read.template, storage_options=cfg.data.read.storage_options or None)) for m in manifests
-    )
     need = chips * CHIP_BYTES
     store = ray.cluster_resources().get("object_store_memory", 0)
     if need > store / 2:
@@ -404,9 +402,8 @@ def cache_datasets(datasets: dict[str, ray.data.Dataset], manifests: list[str], 
     return cached
 
 
-def _steps_per_epoch(train_csv: str, cfg: JobConfig) -> int:
-    """Optimizer steps per epoch on each worker (for LR schedules): chips / workers / per-worker batch, rounded up."""
-    chips = len(read_manifest(train_csv, template=cfg.data.read.template, storage_options=cfg.data.read.storage_options or None))
+def _steps_per_epoch(chips: int, cfg: JobConfig) -> int:
+    """Optimizer steps per epoch on each worker (for LR schedules): `chips` / workers / per-worker batch, rounded up."""
     per_worker = cfg.train.batch_size // cfg.scaling.num_workers
     return max(1, -(-(chips // cfg.scaling.num_workers) // per_worker))
 
@@ -426,16 +423,20 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
         train_csv, test_csv = f"{run_dir}/train.csv", f"{run_dir}/test.csv"
     else:
         train_csv, test_csv = prepare_manifests(cfg, run_dir)
-    train = good_chips(read_chips(train_csv, cfg.data.read, shuffle_seed=cfg.train.seed))  # a new file order every epoch
-    datasets = {"train": train, "test": good_chips(read_chips(test_csv, cfg.data.read))}
+    read = cfg.data.read
+    chips = {
+        name: len(read_manifest(path, template=read.template, storage_options=read.storage_options or None))
+        for name, path in (("train", train_csv), ("test", test_csv))
+    }
+    train = good_chips(read_chips(train_csv, read, shuffle_seed=cfg.train.seed))  # a new file order every epoch
+    datasets = {"train": train, "test": good_chips(read_chips(test_csv, read))}
     if cfg.data.cache:
-        datasets = cache_datasets(datasets, [train_csv, test_csv], cfg)
-        datasets["train"] = datasets["train"].randomize_block_order(
-            seed=ray.data.RandomSeedConfig(cfg.train.seed)
-        )  # the cached blocks, reordered every epoch
+        datasets = cache_datasets(datasets, chips["train"] + chips["test"])
+        # the cached blocks, reordered every epoch
+        datasets["train"] = datasets["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(cfg.train.seed))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": _steps_per_epoch(train_csv, cfg)},
+        train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": _steps_per_epoch(chips["train"], cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

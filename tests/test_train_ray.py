@@ -97,7 +97,7 @@ def test_cached_chips_are_read_once(ray_session, tiny_archive, tmp_path, monkeyp
     manifest = tmp_path / "manifest.csv"
     write_manifest(files.assign(URI=[str(tmp_path / Path(u).name) for u in files["URI"]]), manifest)
     cfg = load_config(SMOKE, [f"data.manifest={manifest}", "data.cache=true"])
-    cached = cache_datasets({"train": good_chips(read_chips(str(manifest), cfg.data.read))}, [str(manifest)], cfg)
+    cached = cache_datasets({"train": good_chips(read_chips(str(manifest), cfg.data.read))}, len(files))
     for fits_file in tmp_path.glob("*.fits"):
         fits_file.unlink()
     for _epoch in range(2):
@@ -106,4 +106,4 @@ def test_cached_chips_are_read_once(ray_session, tiny_archive, tmp_path, monkeyp
 
     monkeypatch.setattr(ray_hrc.train, "CHIP_BYTES", 2**40)
     with pytest.raises(ConfigError, match=r"data.cache: \d+ chips need .* GiB of object store"):
-        cache_datasets({}, [str(manifest)], cfg)
+        cache_datasets({}, len(files))
