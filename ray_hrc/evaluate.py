@@ -105,8 +105,9 @@ def evaluate_checkpoint(
         table = _read_any(summary["catalog"], config.format)
         failed = summary["failed"]
     else:
-        table = chips_of(_read_any(catalog, _format_of(catalog)), manifest, read)
-        wanted = len(read_manifest(manifest, template=read.template, storage_options=read.storage_options or None))
+        keys = chip_keys(manifest, read)
+        table = chips_of(_read_any(catalog, _format_of(catalog)), keys)
+        wanted = len(keys)
         if len(table) < wanted:
             raise ValueError(
                 f"{catalog} holds {len(table)} of the {wanted} chips of {manifest}; classify them first or evaluate without catalog"
@@ -128,7 +129,7 @@ def evaluate_checkpoint(
         metrics["confusion"], CLASS_NAMES, out_path / "confusion.png", title=f"{name} on {dataset}: {100 * metrics['accuracy']:.1f}%"
     )
     if blurry:
-        metrics["blurry"] = score(chips_of(table, blurry, read))
+        metrics["blurry"] = score(chips_of(table, chip_keys(blurry, read)))
         rows.append(table_row(name, f"{dataset}-Blurry", metrics["blurry"]))
         confusion_plot(metrics["blurry"]["confusion"], CLASS_NAMES, out_path / "confusion_blurry.png", title=f"{name} on blurry chips")
     misclassified_gallery(table, out_path / "misclassified.png", read)
@@ -137,10 +138,14 @@ def evaluate_checkpoint(
     return metrics
 
 
-def chips_of(catalog: pd.DataFrame, manifest: str, read: ReadConfig) -> pd.DataFrame:
-    """The rows of `catalog` for the chips a manifest lists (matched on URI and HDU)."""
+def chip_keys(manifest: str, read: ReadConfig) -> pd.DataFrame:
+    """The chips a manifest lists, once each: columns ``uri`` and ``hdu`` as catalogs name them."""
     keys = read_manifest(manifest, template=read.template, storage_options=read.storage_options or None)
-    keys = keys[["URI", "HDU Index"]].rename(columns={"URI": "uri", "HDU Index": "hdu"}).drop_duplicates()
+    return keys[["URI", "HDU Index"]].rename(columns={"URI": "uri", "HDU Index": "hdu"}).drop_duplicates()
+
+
+def chips_of(catalog: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `catalog` for the chips in `keys` (`chip_keys`), matched on URI and HDU."""
     return catalog.merge(keys.astype({"hdu": catalog["hdu"].dtype}), on=["uri", "hdu"])
 
 
