@@ -32,6 +32,7 @@ class AugmentConfig:
     """Training-time augmentation; all off in the paper configs."""
 
     flips: bool = False  # random horizontal/vertical flips (with both: the 180-degree rotation; 90 degrees would change the chip's shape)
+    roll: bool = False  # random circular shift in both axes: a body may lie anywhere, and fc1 sees each of conv7's positions apart
     blur_prob: float = 0.0  # probability of a Gaussian blur (the paper's weak point is blurry NSC chips)
     blur_sigma: tuple[float, float] = (1.0, 4.0)  # sigma range in pixels
     noise_prob: float = 0.0  # probability of added Gaussian noise
@@ -39,7 +40,7 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.flips or self.blur_prob > 0 or self.noise_prob > 0
+        return self.flips or self.roll or self.blur_prob > 0 or self.noise_prob > 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" (the paper) or "adamw"
     lr: float = 1e-4  # the paper: 1e-4
     lr_schedule: str = "constant"  # "constant" (the paper) or "cosine" (annealed to 0 over the epochs, per step)
+    warmup_epochs: float = 0.0  # the learning rate rises linearly from 0 over this many epochs of steps before the schedule starts
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
     seed: int = 0

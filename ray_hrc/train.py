@@ -8,6 +8,7 @@ scores its share, the confusion matrix is all-reduced), and `ray.train.report` w
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import tempfile
@@ -16,6 +17,7 @@ import zlib
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, save_checkpoint
-from ray_hrc.config import AugmentConfig, ConfigError, JobConfig, config_from_dict
+from ray_hrc.config import AugmentConfig, ConfigError, JobConfig, TrainConfig, config_from_dict
 from ray_hrc.data import good_chips, read_chips
 from ray_hrc.manifest import read_manifest, split_manifest, write_manifest
 from ray_hrc.models import build_model
@@ -53,7 +55,7 @@ def label_index(labels: np.ndarray) -> np.ndarray:
 
 
 def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Flip, blur and add noise to one normalised image (float32 (H, W)); shape is kept."""
+    """Flip, roll, blur and add noise to one normalised image (float32 (H, W)); shape is kept."""
     import cv2
 
     if cfg.flips:
@@ -62,6 +64,8 @@ def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> 
         if rng.random() < 0.5:
             image = image[::-1, :]
         image = np.ascontiguousarray(image)
+    if cfg.roll:
+        image = np.roll(image, (int(rng.integers(image.shape[0])), int(rng.integers(image.shape[1]))), axis=(0, 1))
     if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
         image = cv2.GaussianBlur(image, (0, 0), sigmaX=float(rng.uniform(*cfg.blur_sigma)))
     if cfg.noise_prob > 0 and rng.random() < cfg.noise_prob:
@@ -123,6 +127,30 @@ def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor], autocas
         flat /= dist.get_world_size()
         for t, value in zip(stats, torch.split(flat, [t.numel() for t in stats]), strict=True):
             t.copy_(value.view_as(t))
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate at optimizer step `step` (from 0) as a share of the configured one.
+
+    A linear rise over the first `warmup` steps (reaching 1 at step `warmup`), then 1 ("constant") or a cosine from 1
+    down to 0 at step `total` ("cosine").
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return 1.0
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The per-step schedule of `cfg` (`lr_factor`), or None for a constant rate without warmup."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_schedule is {cfg.lr_schedule!r}; expected 'constant' or 'cosine'")
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.lr_schedule == "constant" and warmup == 0:
+        return None
+    total = max(1, cfg.epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total=total, warmup=warmup, schedule=cfg.lr_schedule))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int = len(CLASS_NAMES)) -> np.ndarray:
@@ -217,12 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     else:
         raise ConfigError(f"train.optimizer is {cfg.train.optimizer!r}; expected 'sgd' or 'adamw'")
-    scheduler = None
-    if cfg.train.lr_schedule == "cosine":
-        steps = max(1, cfg.train.epochs * loop_config.get("steps_per_epoch", 1))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    elif cfg.train.lr_schedule != "constant":
-        raise ConfigError(f"train.lr_schedule is {cfg.train.lr_schedule!r}; expected 'constant' or 'cosine'")
+    scheduler = lr_scheduler(optimizer, cfg.train, loop_config.get("steps_per_epoch", 1))
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 

@@ -204,6 +204,24 @@ def test_width_multiplier_runs_at_full_resolution() -> None:
     assert elapsed < 20, f"width 1/16 forward at 2048 x 4096 took {elapsed:.1f} s; expected well under a second or two on 2 cores"
 
 
+def test_dct_stem_init_is_the_same_for_every_seed_and_spans_low_frequencies() -> None:
+    stems = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = HRCelestialNet(width=1, stem_init="dct", input_shape=(MIN_INPUT_SIDE, MIN_INPUT_SIDE))
+        stems.append(model.conv1[0].weight.detach().flatten(1))
+        torch.manual_seed(seed)
+        other_layers = HRCelestialNet(width=1, input_shape=(MIN_INPUT_SIDE, MIN_INPUT_SIDE))
+        torch.testing.assert_close(model.conv2[0].weight, other_layers.conv2[0].weight)  # only conv1 changes
+    torch.testing.assert_close(stems[0], stems[1])
+    w = stems[0]  # 32 filters of 49 weights
+    assert torch.allclose(w[0], w[0].mean().expand(49))  # the first is flat: it sums smooth light
+    assert w[1:].sum(dim=1).abs().max() < 1e-6  # the others are zero-sum
+    torch.testing.assert_close(w @ w.T, torch.eye(32) / 3, atol=1e-6, rtol=0)  # orthogonal, each of the default init's norm
+    with pytest.raises(ValueError, match="stem_init is 'gabor'"):
+        HRCelestialNet(stem_init="gabor")
+
+
 @pytest.mark.parametrize("input_shape", [(MIN_INPUT_SIDE - 1, 4096), (2048, 1000), (224, 448)])
 def test_too_small_input_shape_raises(input_shape: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match=f"at least {MIN_INPUT_SIDE}"):

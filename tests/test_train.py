@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ray_hrc.config import AugmentConfig, ConfigError, load_config
+from ray_hrc.config import AugmentConfig, ConfigError, TrainConfig, load_config
 from ray_hrc.models import build_model
-from ray_hrc.train import augment, classification_metrics, confusion_matrix, label_index, recalibrate_batchnorm
+from ray_hrc.train import augment, classification_metrics, confusion_matrix, label_index, lr_factor, lr_scheduler, recalibrate_batchnorm
 
 CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml") if not p.name.startswith("classify"))
 
@@ -38,6 +38,34 @@ def test_augment_keeps_shape():
     cfg = AugmentConfig(flips=True, blur_prob=1.0, noise_prob=1.0)
     out = augment(image, cfg, rng)
     assert out.shape == image.shape and out.dtype == np.float32 and not np.array_equal(out, image)
+
+
+def test_roll_moves_every_pixel_together():
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 128), dtype=np.float32)
+    out = augment(image, AugmentConfig(roll=True), np.random.default_rng(1))
+    shifts = [(dy, dx) for dy in range(64) for dx in range(128) if np.array_equal(np.roll(image, (dy, dx), axis=(0, 1)), out)]
+    assert len(shifts) == 1 and shifts[0] != (0, 0)
+
+
+def test_warmup_then_cosine_learning_rate():
+    factors = [lr_factor(step, total=100, warmup=10, schedule="cosine") for step in range(101)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == 1.0 and factors[55] == pytest.approx(0.5) and factors[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert [lr_factor(s, total=100, warmup=4, schedule="constant") for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    assert lr_scheduler(optimizer, TrainConfig(), steps_per_epoch=10) is None  # the paper's constant rate: no scheduler
+    scheduler = lr_scheduler(optimizer, TrainConfig(epochs=2, lr_schedule="cosine", warmup_epochs=0.5), steps_per_epoch=10)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1]) and rates[-1] < 0.01
+    with pytest.raises(ConfigError, match="lr_schedule is 'step'"):
+        lr_scheduler(optimizer, TrainConfig(lr_schedule="step"), steps_per_epoch=10)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
