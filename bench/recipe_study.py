@@ -82,6 +82,9 @@ def main() -> None:
     p.add_argument("--roll", action="store_true")
     p.add_argument("--no-flips", action="store_true")
     p.add_argument("--bn-chips", type=int, default=16, help="precise BatchNorm chips (0: running averages)")
+    p.add_argument(
+        "--freeze-bn-epochs", type=int, default=0, help="train the last N epochs with BatchNorm in eval mode (its statistics fixed)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default="recipe_study.jsonl")
     a = p.parse_args()
@@ -110,6 +113,10 @@ def main() -> None:
     for epoch in range(1, a.epochs + 1):
         t0, losses, last = time.perf_counter(), [], deque(maxlen=max(1, a.bn_chips // 2))
         model.train()
+        frozen = epoch > a.epochs - a.freeze_bn_epochs
+        for module in model.modules():
+            if frozen and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()  # normalise with the statistics evaluation uses, and keep them
         order = rng.permutation(len(y_train))
         for start in range(0, len(order), 4):
             idx = order[start : start + 4]
@@ -123,7 +130,7 @@ def main() -> None:
                 last.append(x)
             optimizer.step()
             scheduler.step()
-        if a.bn_chips:
+        if a.bn_chips and not frozen:
             recalibrate_batchnorm(model, list(last))
         accuracy, auc = evaluate(model, x_test, y_test)
         history.append(
