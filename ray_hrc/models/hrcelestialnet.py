@@ -83,9 +83,9 @@ def feature_shape(input_shape: Sequence[int], width: float = 1.0) -> tuple[int, 
 def dct_filters(n: int, kernel: int, in_channels: int = 1) -> torch.Tensor:
     """The `n` lowest-frequency 2-D DCT-II basis functions of a kernel x kernel patch, (n, in_channels, kernel, kernel).
 
-    Ordered by total frequency (u + v), the flat (DC) filter first; each is scaled to the norm PyTorch's default
-    init gives a filter on average (sqrt(fan_in / 3) / sqrt(fan_in) per weight, about 0.58 in all), and is repeated
-    over the input channels divided by their count.
+    Ordered by total frequency (u + v), the flat (DC) filter first. Each is scaled to norm 1/sqrt(3) (about 0.58), a
+    filter's expected norm under PyTorch's default init (weights uniform in +-1/sqrt(fan_in)), and is repeated over
+    the input channels divided by their count.
     """
     if not 0 < n <= kernel * kernel:
         raise ValueError(f"n is {n}; a {kernel} x {kernel} patch has 1 to {kernel * kernel} DCT basis functions")
