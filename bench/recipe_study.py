@@ -2,7 +2,7 @@
 
 It trains HR-CelestialNet on the demo's synthetic archive and split (by body, `test_fraction` 0.25, split seed 0) the
 way two Ray Train workers of `configs/demo.yaml` do: batches of 4 chips as two halves of 2 (BatchNorm sees 2 chips,
-the gradients are averaged), the same `normalise`, `augment`, `lr_factor` and `recalibrate_batchnorm`. Only the data
+the gradients are averaged), the same `normalise`, `augment`, `lr_scheduler` and `recalibrate_batchnorm`. Only the data
 order differs from a Ray run (numpy's permutation instead of Ray Data's block order), so a recipe that is robust here
 over seeds is the one to try in `make demo`. Each epoch prints the held-out accuracy and ROC AUC; the last line of a
 run is appended to ``--results`` as JSON.
@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from ray_hrc.chips import Chip, read_fits
-from ray_hrc.config import AugmentConfig
+from ray_hrc.config import AugmentConfig, TrainConfig
 from ray_hrc.manifest import read_manifest, split_manifest
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig, normalise
 from ray_hrc.synth import synthesize_archive
-from ray_hrc.train import augment, label_index, lr_factor, recalibrate_batchnorm
+from ray_hrc.train import augment, label_index, lr_scheduler, recalibrate_batchnorm
 
 
 def load_split(archive: Path, part, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -102,11 +102,8 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     model = build_model("hrcelestialnet", width=a.width, input_shape=x_train.shape[1:], stem_init=a.stem_init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    steps = math.ceil(len(y_train) / 4)
-    warmup = round(a.warmup * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=a.epochs * steps, warmup=warmup, schedule="cosine")
-    )
+    schedule = TrainConfig(epochs=a.epochs, lr_schedule="cosine", warmup_epochs=a.warmup)
+    scheduler = lr_scheduler(optimizer, schedule, steps_per_epoch=math.ceil(len(y_train) / 4))
     aug = AugmentConfig(flips=not a.no_flips, roll=a.roll)
 
     history = []
