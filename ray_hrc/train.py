@@ -120,11 +120,10 @@ def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor], autocas
     """
     with autocast():
         torch.optim.swa_utils.update_bn(inputs, module)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
-        flat = torch.cat([t.reshape(-1).float() for t in stats])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+    stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
+    if stats and _world_size() > 1:
+        device = stats[0].device  # the module's device: NCCL (GPU workers) takes no CPU tensors
+        flat = all_reduce_tensor(torch.cat([t.reshape(-1).float() for t in stats]), device) / _world_size()
         for t, value in zip(stats, torch.split(flat, [t.numel() for t in stats]), strict=True):
             t.copy_(value.view_as(t))
 
@@ -189,12 +188,29 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _all_reduce(values: np.ndarray) -> np.ndarray:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-        dist.all_reduce(t)
-        return t.numpy()
-    return values
+# --- collectives: the only calls into torch.distributed. Every tensor goes to the training device first: Ray Train
+# starts NCCL for GPU workers, and NCCL takes no CPU tensors (gloo, for CPU workers, takes both).
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_tensor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all workers, as a tensor on `device` (the model's); `tensor` itself if alone."""
+    if _world_size() == 1:
+        return tensor
+    summed = tensor.to(device, copy=True)  # never reduce the caller's tensor in place
+    dist.all_reduce(summed)
+    return summed
+
+
+def all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """The element-wise sum of `values` over all workers (float64), reduced on `device` (the model's) and returned on the host."""
+    values = np.asarray(values, dtype=np.float64)
+    if _world_size() == 1:
+        return values
+    return all_reduce_tensor(torch.from_numpy(np.ascontiguousarray(values)), device).cpu().numpy()
 
 
 def evaluate(model: nn.Module, dataset, cfg: JobConfig, device: torch.device, autocast, rank: int, world: int) -> dict[str, Any]:
@@ -213,7 +229,7 @@ def evaluate(model: nn.Module, dataset, cfg: JobConfig, device: torch.device, au
         logits = eval_step(module, x, autocast).cpu()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         confusion += confusion_matrix(y.numpy(), logits.argmax(1).numpy())
-    totals = _all_reduce(np.concatenate([confusion.ravel(), [loss_sum]]))
+    totals = all_reduce(np.concatenate([confusion.ravel(), [loss_sum]]), device)
     confusion = totals[:4].reshape(2, 2).astype(np.int64)
     n = max(1, int(confusion.sum()))
     return {
@@ -291,7 +307,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if bn_batches:
             recalibrate_batchnorm(module, list(bn_inputs), autocast)
         bn_inputs.clear()
-        sums = _all_reduce(np.array([loss_sum, n_chips, train_s]))
+        sums = all_reduce(np.array([loss_sum, n_chips, train_s]), device)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(sums[0] / max(1, sums[1])),
