@@ -118,7 +118,7 @@ def read_chips(
         fn_kwargs={"storage_options": config.storage_options or None, "norm": norm},
         num_cpus=config.num_cpus,
         concurrency=config.concurrency,
-        ray_remote_args_fn=lambda: {"max_retries": config.max_retries},
+        max_retries=config.max_retries,  # a static remote arg: Ray 2.60 has no named parameter for it
     )
 
 
