@@ -37,7 +37,9 @@ class ReadConfig:
     """How the read stage runs: where sources are and what each read task asks of the cluster."""
 
     template: str = DEFAULT_TEMPLATE  # manifest rows -> URIs; a local folder means <folder>/{obsid}_raw.fits
-    storage_options: dict = field(default_factory=dict)  # fsspec options, e.g. {"anon": True} for s3://stpubdata
+    storage_options: dict = field(
+        default_factory=dict
+    )  # fsspec options for the sources only (input side), e.g. {"anon": True} for s3://stpubdata
     num_cpus: float = 1.0  # CPUs per read task (one file per task)
     concurrency: int | None = None  # at most this many read tasks at once; None lets Ray Data decide
     max_retries: int = 3  # retries of a read task lost to a node or worker failure (bad files become error rows, not retries)
