@@ -142,7 +142,14 @@ def _use_gpu(cfg: ClassifyConfig) -> bool:
         return cfg.use_gpu
     if cfg.device == "cpu":
         return False
-    return ray.cluster_resources().get("GPU", 0) > 0
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True
+    logger.warning(
+        "model_stage.use_gpu is auto (null; --gpu auto) and the cluster shows no GPU now, so the model runs on CPU actors, "
+        "far slower per chip. GPU nodes that scale from zero are not visible until something asks for them: set "
+        "model_stage.use_gpu: true (--gpu yes) to ask for them, or false (--gpu no) for CPU on purpose"
+    )
+    return False
 
 
 def classify_archive(

@@ -212,3 +212,17 @@ def test_a_lost_node_loses_no_chip(tiny_archive, random_checkpoint, tmp_path):
     assert not catalog.duplicated(["uri", "hdu"]).any()
     expected = set(zip(manifest["URI"], manifest["HDU Index"], strict=True))
     assert set(zip(catalog["uri"], catalog["hdu"], strict=True)) == expected  # every chip exactly once
+
+
+def test_gpu_auto_with_no_gpu_visible_warns_naming_the_key(ray_session, caplog):
+    """On a cluster whose GPU nodes scale from zero, `auto` sees no GPU: the model would quietly run on CPU actors."""
+    from ray_hrc.classify import ClassifyConfig, _use_gpu
+
+    assert ray_session.cluster_resources().get("GPU", 0) == 0
+    with caplog.at_level("WARNING", logger="ray_hrc.classify"):
+        assert _use_gpu(ClassifyConfig()) is False
+    assert "model_stage.use_gpu is auto" in caplog.text and "--gpu yes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ray_hrc.classify"):
+        assert _use_gpu(ClassifyConfig(use_gpu=False)) is False
+    assert not caplog.text  # an explicit choice is not warned about
