@@ -18,13 +18,13 @@ import logging
 import pickle
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch import nn
 
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig
+from ray_hrc.storage import Storage, open_uri
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,14 @@ def save_checkpoint(directory: str, state: dict[str, Any], storage_options: dict
     state = to_plain(dict(state))
     state.setdefault("class_names", list(CLASS_NAMES))
     state["weights_hash"] = weights_hash(state["model_state"])
-    fs, root = fsspec.core.url_to_fs(directory, **(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
+    store = Storage.at(directory, storage_options)
+    store.makedirs()
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    with fs.open(f"{root}/{CHECKPOINT_FILE}", "wb") as fh:
+    with store.open(CHECKPOINT_FILE, "wb") as fh:
         fh.write(buffer.getvalue())
     meta = {k: v for k, v in state.items() if k not in ("model_state", "optimizer_state", "rng_state", "history")}
-    with fs.open(f"{root}/meta.json", "w") as fh:
+    with store.open("meta.json", "w") as fh:
         json.dump(meta, fh, indent=2, default=str)
     return f"{directory.rstrip('/')}/{CHECKPOINT_FILE}"
 
@@ -88,7 +88,7 @@ def load_checkpoint(uri: str, storage_options: dict | None = None) -> dict[str, 
     """Load a checkpoint from a directory or a ``checkpoint.pt`` URI (local or remote) onto the CPU."""
     path = uri if uri.endswith(".pt") else f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
     try:
-        with fsspec.open(path, "rb", **(storage_options or {})) as fh:
+        with open_uri(path, "rb", storage_options) as fh:
             data = fh.read()
     except FileNotFoundError as exc:
         raise FileNotFoundError(

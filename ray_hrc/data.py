@@ -19,14 +19,12 @@ import pandas as pd
 import ray
 from ray.data.expressions import col
 
-from ray_hrc.chips import META_FIELDS, Chip, ChipMeta, read_fits
+from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS, Chip, ChipMeta, read_fits
 from ray_hrc.manifest import DEFAULT_TEMPLATE, SourceOptions, resolve_sources
 from ray_hrc.preprocess import NormConfig, preprocess_row
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ["body", "label_true"]
-ERROR_COLUMNS = ["error_class", "error"]
 PIXEL_COLUMNS = ["pixels", "amp_bias"]
 ROW_COLUMNS = META_FIELDS + LABEL_COLUMNS + ERROR_COLUMNS + ["n_in_file", "read_ms"] + PIXEL_COLUMNS
 _NO_PIXELS = np.zeros((0, 0), np.uint16)

@@ -25,3 +25,16 @@ def test_no_ray_remote_args_fn():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.keyword):
                 assert node.arg != "ray_remote_args_fn", f"{path.name}:{node.value.lineno} passes ray_remote_args_fn"
+
+
+def test_the_core_imports_no_ray():
+    """chips, preprocess, models, predict (and the checkpoint and storage modules they use) run without Ray."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import ray_hrc.chips, ray_hrc.preprocess, ray_hrc.models, ray_hrc.predict, ray_hrc.checkpoint, ray_hrc.storage; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    assert out == "[]", f"the core imported Ray modules: {out}"
