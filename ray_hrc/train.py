@@ -471,7 +471,7 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     storage = _abs_storage(cfg.run.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
     out = cfg.run.storage_options or None  # the output side: run folder, checkpoints, manifests of the split, report
-    store = Storage.at(run_dir, out)
+    runs, store = Storage.at(storage, out), Storage.at(run_dir, out)  # Ray Train's storage_path, and this run's folder in it
     fs, root = store.fs, store.root
     existing = fs.exists(root) and any("epoch_" in p for p in fs.ls(root, detail=False))
     if existing and not resume:
@@ -505,8 +505,8 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             # remote: the same filesystem object as the run folder's (endpoint, credentials), and a path without scheme
-            storage_path=Storage.at(storage, out).root if store.remote else storage,
-            storage_filesystem=Storage.at(storage, out).pyarrow() if store.remote else None,
+            storage_path=runs.root if runs.remote else storage,
+            storage_filesystem=runs.pyarrow() if runs.remote else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.num_to_keep, checkpoint_score_attribute="accuracy", checkpoint_score_order="max"
