@@ -198,7 +198,6 @@ def test_classify_reads_anonymously_and_writes_where_anonymous_writes_are_refuse
     assert load_checkpoint(f"s3://{PRIVATE}/ckpt", writer | {"client_kwargs": {"endpoint_url": out_endpoint}})["model_name"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_training_writes_its_run_to_a_bucket_that_refuses_anonymous_writes(ray_session, tiny_archive, private_s3):
     """The run folder, Ray Train's checkpoints (through the same filesystem object), the split's manifests and the
