@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -130,15 +131,23 @@ def open_fits(source: str | bytes, storage_options: dict | None = None) -> fits.
     return fits.open(path, memmap=True, **kwargs)
 
 
+def _get(header: fits.Header, key: str, default: Any = None) -> Any:
+    """``header.get(key, default)``, with a card astropy cannot parse (a hostile header) read as absent."""
+    try:
+        return header.get(key, default)
+    except (fits.VerifyError, ValueError):
+        return default
+
+
 def _str(header: fits.Header, key: str) -> str:
-    value = header.get(key, "")
+    value = _get(header, key, "")
     return str(value).strip() if value is not None else ""
 
 
 def _float(header: fits.Header, key: str) -> float:
     try:
-        return float(header.get(key, float("nan")))
-    except (TypeError, ValueError):
+        return float(_get(header, key, float("nan")))
+    except (TypeError, ValueError, OverflowError):
         return float("nan")
 
 
@@ -174,7 +183,7 @@ def chip_centre_radec(sci: fits.Header, layout: Layout, extver: int, primary: fi
         if radec is not None and np.isfinite(radec[0]) and np.isfinite(radec[1]):
             return radec[0] % 360.0, radec[1], False
     except Exception as exc:  # noqa: BLE001 - any WCS trouble falls back to the target position
-        logger.debug("WCS of %s unusable: %s", primary.get("ROOTNAME", "?"), exc)
+        logger.debug("WCS of %s unusable: %s", _get(primary, "ROOTNAME", "?"), exc)
     return _float(primary, "RA_TARG"), _float(primary, "DEC_TARG"), True
 
 
@@ -348,6 +357,7 @@ class HDUSpan:
     axes: tuple[int, ...]  # (NAXIS1, ..., NAXISn)
     extname: str
     groups: bool  # random groups (primary with NAXIS1 = 0 and GROUPS = T)
+    simple: bool  # the primary's SIMPLE = T (False for extensions)
 
 
 @dataclass
@@ -392,6 +402,17 @@ def _int_value(cards: dict[str, bytes], key: str, where: str, index: int, defaul
     except (ValueError, UnicodeDecodeError, TypeError, fits.VerifyError) as exc:
         shown = card[10:].decode("ascii", "replace").split("/", 1)[0].strip()[:40]
         raise FitsStructureError("bad_header", f"{where} has {key} = {shown!r}; expected an integer", index) from exc
+
+
+def _text_value(cards: dict[str, bytes], key: str, where: str, index: int) -> str:
+    """A string or logical structural keyword's value ("" when absent); one that cannot be read is `bad_header`."""
+    if key not in cards:
+        return ""
+    try:
+        return _card_value(cards[key]).strip()
+    except (ValueError, UnicodeDecodeError) as exc:
+        shown = cards[key][10:].decode("ascii", "replace").strip()[:40]
+        raise FitsStructureError("bad_header", f"{where} has {key} = {shown!r}, which is not a valid value ({exc})", index) from exc
 
 
 def _shown(axes: tuple[int, ...]) -> str:
@@ -457,12 +478,10 @@ def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan]
                         )
                     cards[name8] = card
         data_start = pos
-        try:
-            kind = "PRIMARY" if index == 0 else _card_value(cards["XTENSION"]).strip().upper()
-            extname = _card_value(cards["EXTNAME"]).strip().upper() if "EXTNAME" in cards else ""
-            groups = index == 0 and _card_value(cards["GROUPS"]) == "T" if "GROUPS" in cards else False
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FitsStructureError("bad_header", f"{where}: XTENSION, EXTNAME or GROUPS is not a valid value ({exc})", index) from exc
+        kind = "PRIMARY" if index == 0 else _text_value(cards, "XTENSION", where, index).upper()
+        extname = _text_value(cards, "EXTNAME", where, index).upper()
+        groups = index == 0 and _text_value(cards, "GROUPS", where, index) == "T"
+        simple = index == 0 and _text_value(cards, "SIMPLE", where, index) == "T"
         bitpix = _int_value(cards, "BITPIX", where, index)
         if bitpix not in _DATA_DTYPES:
             raise FitsStructureError("bad_header", f"{where} has BITPIX = {bitpix}; expected one of 8, 16, 32, 64, -32, -64", index)
@@ -495,11 +514,46 @@ def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan]
         if end > size:  # the last block's padding is missing: tolerated, as astropy tolerates it
             end = size
         assert end > start  # the position strictly advances: at least one header block per HDU
-        spans.append(HDUSpan(index, kind, start, data_start, data_bytes, end, bitpix, axes, extname, groups))
+        spans.append(HDUSpan(index, kind, start, data_start, data_bytes, end, bitpix, axes, extname, groups, simple))
         if index == 0 or extname == SCI:
             headers[index] = bytes(buffer[start:data_start])
         pos = end
     return spans, headers
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_DECOMPRESSED_BYTES = 192 << 20
+"""A gzip-compressed FITS file is decompressed in memory up to 192 MiB (a calibrated Hubble file is 168 MB);
+beyond that it is refused (``over_limit``): a small compressed file must not expand without bound."""
+
+
+def _gunzip(buffer: mmap.mmap | memoryview, name: str) -> bytes:
+    """The decompressed bytes of a gzip file (every member), at most `MAX_DECOMPRESSED_BYTES`.
+
+    The first block is checked for a SIMPLE card before anything more is inflated, so a bomb of zeros (or any
+    compressed non-FITS) is refused after inflating 2880 bytes.
+    """
+    out, data, total = [], bytes(buffer), 0
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        pending = data
+        while pending and not inflater.eof:
+            step = BLOCK if total == 0 else 16 << 20
+            try:
+                chunk = inflater.decompress(pending, step)
+            except zlib.error as exc:
+                raise FitsStructureError("not_fits", f"{name} is gzip-compressed but does not decompress ({exc})") from exc
+            pending = inflater.unconsumed_tail
+            if total == 0 and chunk[:10] != b"SIMPLE  = ":
+                raise FitsStructureError("not_fits", f"{name} is gzip-compressed but holds no FITS file (no SIMPLE card)")
+            total += len(chunk)
+            out.append(chunk)
+            if total > MAX_DECOMPRESSED_BYTES:
+                raise FitsStructureError("over_limit", f"{name} decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes (the limit)")
+        if not inflater.eof:
+            raise FitsStructureError("truncated", f"{name}: the gzip stream ends early; the file looks truncated")
+        data = inflater.unused_data if inflater.unused_data.startswith(GZIP_MAGIC) else b""
+    return b"".join(out)
 
 
 def map_fits(source: str | bytes, name: str | None = None) -> tuple[fits.Header, list[tuple[int, MappedImage]]] | None:
@@ -525,6 +579,8 @@ def map_fits(source: str | bytes, name: str | None = None) -> tuple[fits.Header,
                 buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
+    if bytes(buffer[:2]) == GZIP_MAGIC:  # a .fits.gz: walked (and mapped) once decompressed, under a cap
+        buffer = memoryview(_gunzip(buffer, label))
     spans, headers = _walk_hdus(buffer, label)
     primary, scis = None, []
     for span in spans:
@@ -537,7 +593,7 @@ def map_fits(source: str | bytes, name: str | None = None) -> tuple[fits.Header,
         except (UnicodeDecodeError, ValueError):
             return None
         if span.index == 0:
-            if header.get("SIMPLE") is not True:
+            if not span.simple:
                 return None
             primary = header
             continue
@@ -596,6 +652,9 @@ def _read_fits(
             return [ChipError(uri, h, exc.error_class, str(exc)) for h in wanted]
         except (OSError, ValueError, TypeError, IndexError) as exc:
             return [ChipError(uri, h, "truncated", f"{name}: headers could not be read ({exc}); the file looks truncated") for h in wanted]
+        except Exception as exc:  # noqa: BLE001 - astropy's own failures on odd headers (e.g. AttributeError from a bare _BaseHDU)
+            message = f"{name}: astropy could not read its headers ({type(exc).__name__}: {exc})"
+            return [ChipError(uri, h, "bad_header", message) for h in wanted]
         return _read_selected(primary, scis, cut_short, hdus, uri, name)
 
 
@@ -607,7 +666,7 @@ def _read_selected(
     why = "the file ends early (truncated)" if cut_short else "no such extension"
     by_index = dict(scis)
     if hdus:
-        have = ", ".join(f"{i} (SCI,{hdu.header.get('EXTVER', 1)})" for i, hdu in scis) or "none"
+        have = ", ".join(f"{i} (SCI,{_get(hdu.header, 'EXTVER', 1)})" for i, hdu in scis) or "none"
         selected = [
             (
                 h,
@@ -628,7 +687,11 @@ def _read_selected(
                 selected.append(
                     (index, ChipReadError(missing_class, f"SCI,{extver} of {name} is missing ({why}); expected SCI,1 and SCI,2"))
                 )
-    return [_read_one(hdu, index, primary, uri, name) for index, hdu in selected]
+    records = [_read_one(hdu, index, primary, uri, name) for index, hdu in selected]
+    if not records:  # e.g. a file cut short before any SCI, of an instrument with no layout
+        what = "the file ends early (truncated)" if cut_short else "no SCI extension"
+        records = [ChipError(uri, -1, missing_class, f"{name} has no SCI extension to read ({what})")]
+    return records
 
 
 def _open_checked(source: str | bytes, uri: str, storage_options: dict | None) -> fits.HDUList:
@@ -656,7 +719,7 @@ def _open_checked(source: str | bytes, uri: str, storage_options: dict | None) -
 
 def _extver(header: fits.Header, default: int | None = None) -> int:
     """EXTVER as an int (1 when absent); a value that is not an integer is `bad_header` (or `default`)."""
-    value = header.get("EXTVER", 1)
+    value = _get(header, "EXTVER", "unparsable")
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
     if default is not None:
@@ -697,7 +760,7 @@ def _read_one(hdu: Any, index: int, primary: fits.Header, uri: str, name: str) -
         _number(header, "BSCALE", 1, where)
         pixels, bias = crop_sci(hdu, layout, extver, where=where)
         ra, dec, from_targ = chip_centre_radec(header, layout, extver, primary)
-        ccdchip = header.get("CCDCHIP", primary.get("CCDCHIP", -1))
+        ccdchip = _get(header, "CCDCHIP", _get(primary, "CCDCHIP", -1))
         meta = ChipMeta(
             uri=uri,
             obsid=(_str(primary, "ROOTNAME") or name.split("_")[0]).lower(),
@@ -718,6 +781,8 @@ def _read_one(hdu: Any, index: int, primary: fits.Header, uri: str, name: str) -
         return Chip(pixels=pixels, amp_bias=bias, meta=meta)
     except ChipReadError as exc:
         return ChipError(uri, index, exc.error_class, str(exc))
+    except fits.VerifyError as exc:
+        return ChipError(uri, index, "bad_header", f"{where}: {exc}")
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
         return ChipError(
             uri,
@@ -725,3 +790,7 @@ def _read_one(hdu: Any, index: int, primary: fits.Header, uri: str, name: str) -
             "truncated" if "truncat" in str(exc).lower() or isinstance(exc, OSError) else "internal",
             f"{where}: {type(exc).__name__}: {exc}",
         )
+    except Exception as exc:  # noqa: BLE001 - astropy's own failures on an odd HDU it parsed (the fast path has none)
+        if isinstance(hdu, MappedImage):
+            raise
+        return ChipError(uri, index, "bad_header", f"{where}: astropy could not read it ({type(exc).__name__}: {exc})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ from hostile import hostile_files
 from rawfits import PRESCAN_DN, layout_for, sci_header, science_pattern, write_file
 
 from ray_hrc import chips
-from ray_hrc.chips import Chip, ChipError, filter_name, read_fits
+from ray_hrc.chips import BLOCK, Chip, ChipError, filter_name, read_fits
 from ray_hrc.layouts import CHIP_SHAPE, LAYOUTS, UnsupportedLayoutError, find_layout
 
 
@@ -258,6 +259,25 @@ def test_hostile_file_is_an_error_record_within_a_second(tmp_path, monkeypatch, 
         assert all(f"{case}_raw.fits" in r.message for r in records)
         if hdus:
             assert [r.hdu for r in records] == hdus
+
+
+def test_gzip_files_are_read_and_bombs_refused_within_a_second(tmp_path):
+    path = write_file(tmp_path / "x_raw.fits")
+    packed = tmp_path / "x_raw.fits.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes(), 1))
+    assert [type(r) for r in read_fits(str(packed))] == [Chip, Chip]
+    zeros = gzip.compress(b"\0" * (chips.MAX_DECOMPRESSED_BYTES + BLOCK), 9)
+    header_and_zeros = gzip.compress(path.read_bytes()[:BLOCK] + b"\0" * (chips.MAX_DECOMPRESSED_BYTES + BLOCK), 9)
+    assert len(zeros) < 1 << 20 and len(header_and_zeros) < 1 << 20
+    for data, error_class, seconds in [
+        (zeros, "not_fits", 0.1),  # refused after inflating one block
+        (header_and_zeros, "over_limit", 2.0),  # inflated up to the cap, then refused
+        (packed.read_bytes()[:5000], "truncated", 1.0),
+        (gzip.compress(b"SIMPLE") + b"\0", "not_fits", 1.0),
+    ]:
+        start = time.perf_counter()
+        (record,) = read_fits(data, uri="x_raw.fits.gz")
+        assert time.perf_counter() - start < seconds and record.error_class == error_class, record
 
 
 def test_bad_scaling_keywords_and_huge_sip_orders(tmp_path):
