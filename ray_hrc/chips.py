@@ -303,6 +303,11 @@ def _sci_hdus(hdul: fits.HDUList, name: str = "") -> tuple[list[tuple[int, fits.
     return found, cut_short
 
 
+def expected_chips(primary: fits.Header) -> int:
+    """How many chips (SCI extensions) the primary header's instrument has; 0 for an instrument with no layout."""
+    return len(_expected_extvers(primary))
+
+
 def _expected_extvers(primary: fits.Header) -> list[int]:
     instrument, detector = _str(primary, "INSTRUME").upper(), _str(primary, "DETECTOR").upper()
     extvers = {v for lay in LAYOUTS if (lay.instrument, lay.detector) == (instrument, detector) for v in lay.chips}
@@ -537,13 +542,15 @@ def _gunzip(buffer: mmap.mmap | memoryview, name: str) -> bytes:
     while data:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         pending = data
-        while pending and not inflater.eof:
+        while not inflater.eof:
             step = BLOCK if total == 0 else 16 << 20
             try:
                 chunk = inflater.decompress(pending, step)
             except zlib.error as exc:
                 raise FitsStructureError("not_fits", f"{name} is gzip-compressed but does not decompress ({exc})") from exc
             pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                break  # the input ran out before the end of the stream
             if total == 0 and chunk[:10] != b"SIMPLE  = ":
                 raise FitsStructureError("not_fits", f"{name} is gzip-compressed but holds no FITS file (no SIMPLE card)")
             total += len(chunk)

@@ -127,7 +127,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "4000"))
 _stats = {"runs": 0, "seconds": 0.0, "classes": {}}
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(max(900, EXAMPLES // 20))
 def test_read_fits_is_total_on_mutated_fits(seeds, capsys):
     @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
     @given(st.data())
