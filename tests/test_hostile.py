@@ -3,6 +3,7 @@ file becomes error rows of its class, in the same run as the good file's chips, 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -53,7 +54,7 @@ def test_crop_writes_the_good_chips_and_an_error_row_per_hostile_file(ray_sessio
     assert time.monotonic() - start < 240
     index = pd.read_csv(tmp_path / "crop" / "index.csv")
     assert sorted(index["hdu"]) == [1, 4] and index["uri"].str.endswith("jgood001q_raw.fits").all()
-    assert all((tmp_path / "crop" / f"jgood001q_hdu{h}.fits").exists() for h in (1, 4))
+    assert all(os.path.exists(path) for path in index["path"])
     _check_errors(pd.read_csv(tmp_path / "crop" / "errors.csv"), folder)
     assert summary["chips"] == 2
 
