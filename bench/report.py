@@ -24,6 +24,8 @@ REQUIRED_KEYS = [
     "object_store_mib_per_chip",
     "gpu_infer_chips_per_s",
     "gpu_train_chips_per_s",
+    "serve_efficiency_c8",
+    "serve_p99_s_c8",
 ]
 OBJECT_STORE_TARGET_MIB = 16 + 1 / 1024
 """16 MiB of 16-bit pixels per chip, plus at most 1 KiB of the row's metadata columns."""
@@ -242,6 +244,30 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
             f"{s['bytes'] / s['rows']:,.0f} bytes per chip: 16 MiB of float16 pixels (16,777,216 bytes) and "
             f"{s['bytes'] / s['rows'] - 2**24:,.0f} bytes of metadata columns."
         )
+    figs.append(f)
+
+    sv = r.get("serve", {})
+    eff8 = sv.get("serve_efficiency_c8")
+    c8 = (sv.get("serve_levels") or {}).get("8", (sv.get("serve_levels") or {}).get(8, {}))
+    f = Figure(
+        "7", f"Serve, concurrency 8, width {plan.get('serve_width', 0):g} (chips/s)", "serve_efficiency_c8", c8.get("chips_per_s"),
+        "chips/s", f"the model alone, batch {sv.get('serve_batch_size')}", sv.get("model_chips_per_s"), eff8, "efficiency", ">= 80%",
+        eff8 >= 0.8 if eff8 is not None else None, len(sv.get("model_s_per_batch", [])) or None, _cmd(base, "serve", quick),
+    )  # fmt: skip
+    if eff8 is not None:
+        levels = sv.get("serve_levels", {})
+        f.notes.append(
+            "`hey -m POST -D <raw file, 2 chips> -c C` against one replica with every CPU: "
+            + "; ".join(
+                f"c{c}: {_fmt(v['requests_per_s'])} requests/s, {_fmt(v['chips_per_s'])} chips/s ({_pct(v['efficiency'])}), "
+                f"p50 {_fmt(v['p50_s'])} s, p99 {_fmt(v['p99_s'])} s, {_fmt(v['mean_chips_per_forward_pass'])} chips per forward pass, "
+                f"{v['ok']}/{v['requests']} answered 200"
+                for c, v in levels.items()
+            )
+            + f". Torch threads in the replica and for the model alone: {sv.get('serve_torch_threads')}."
+        )
+        if eff8 < 0.8:
+            f.notes.append(f"Missed by {100 * (0.8 - eff8):.0f} percentage points.")
     figs.append(f)
     return figs
 

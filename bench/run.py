@@ -12,6 +12,7 @@ leak into another's figures), all on one synthetic archive written once:
 4. pipeline    `ray-hrc classify` over N and k x N files: efficiency against the slowest stage alone, peak memory
                ratio, object-store bytes per chip from Ray Data's stats (sections 4 and 6; bench/pipeline.py)
 5. train       one Ray Train worker fed by Ray Data vs a plain PyTorch loop (bench/train_overhead.py)
+6. serve       Ray Serve under `hey` at concurrency 1, 4, 8 vs the model's own chips/s (bench/serve_load.py)
 
 ``--quick`` runs every section on small inputs and narrow models (a smoke test for CI, seconds per section);
 its figures are not the benchmark's.
@@ -37,7 +38,7 @@ elif str(ROOT) not in sys.path:
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train")
+SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "serve")
 
 FULL = {
     "quick": False,
@@ -60,6 +61,10 @@ FULL = {
     "train_steps": 6,
     "train_warmup": 1,
     "train_repeats": 3,
+    "serve_width": 0.03125,
+    "serve_batch": 8,
+    "serve_levels": {1: 6, 4: 16, 8: 32},  # concurrency -> requests (2 chips each)
+    "serve_repeats": 3,
     "section_timeout_s": 1200,
 }
 QUICK = {
@@ -84,6 +89,8 @@ QUICK = {
     "train_steps": 1,
     "train_warmup": 1,
     "train_repeats": 1,
+    "serve_levels": {1: 2, 4: 4, 8: 8},
+    "serve_repeats": 1,
     "section_timeout_s": 300,
 }
 
@@ -142,6 +149,16 @@ def run_section(name: str, plan: dict) -> dict:
             steps=plan["train_steps"],
             warmup=plan["train_warmup"],
             repeats=plan["train_repeats"],
+        )
+    if name == "serve":
+        from bench import serve_load
+        from bench.common import random_checkpoint, start_ray
+
+        start_ray()
+        checkpoint = random_checkpoint(workdir / "checkpoint_serve", plan["serve_width"])
+        levels = {int(c): int(n) for c, n in plan["serve_levels"].items()}
+        return serve_load.measure(
+            files["small"][0], checkpoint, levels=levels, batch_size=plan["serve_batch"], repeats=plan["serve_repeats"]
         )
     raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
 

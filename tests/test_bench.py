@@ -29,6 +29,8 @@ CPU_KEYS = [
     "pipeline_peak_memory_ratio",
     "train_ray_vs_plain",
     "object_store_mib_per_chip",
+    "serve_efficiency_c8",
+    "serve_p99_s_c8",
 ]
 GPU_KEYS = ["gpu_infer_chips_per_s", "gpu_train_chips_per_s"]
 

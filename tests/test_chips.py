@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
+import time
+
 import numpy as np
 import pytest
 from astropy.io import fits
+from hostile import hostile_files
 from rawfits import PRESCAN_DN, layout_for, sci_header, science_pattern, write_file
 
 from ray_hrc import chips
-from ray_hrc.chips import Chip, ChipError, filter_name, read_fits
+from ray_hrc.chips import BLOCK, Chip, ChipError, filter_name, read_fits
 from ray_hrc.layouts import CHIP_SHAPE, LAYOUTS, UnsupportedLayoutError, find_layout
 
 
@@ -135,7 +139,7 @@ def test_missing_sci(tmp_path):
 
 def test_wrong_shape(tmp_path):
     path = write_file(tmp_path / "small_raw.fits", shape=(100, 200))
-    err = _only_error(read_fits(str(path)), "unsupported_instrument")
+    err = _only_error(read_fits(str(path)), "bad_shape")  # a supported instrument, the wrong shape
     assert "(100, 200)" in err.message and "(2068, 4144)" in err.message
 
 
@@ -164,7 +168,7 @@ def test_one_bad_chip_does_not_lose_the_other(tmp_path):
 
 
 def _astropy_only(monkeypatch):
-    monkeypatch.setattr(chips, "map_fits", lambda source: None)
+    monkeypatch.setattr(chips, "map_fits", lambda source, name=None: None)
 
 
 @pytest.mark.parametrize("name", ["ACS/WFC", "WFC3/UVIS"])
@@ -194,18 +198,98 @@ def test_fast_path_declines_what_it_does_not_expect(tmp_path):
     table = fits.BinTableHDU.from_columns([fits.Column(name="a", format="J", array=np.arange(3))], name="SCI")
     with_table = tmp_path / "table_raw.fits"
     fits.HDUList([fits.PrimaryHDU(), table]).writeto(with_table)
-    for odd in [
-        good[: len(good) // 3],  # truncated in the data
-        good[: 2880 + 1000],  # truncated in the first extension's header
-        good + b"\0" * 100,  # trailing bytes
-        good.replace(b"SIMPLE  =", b"SIMPLX  =", 1),
-        good.replace(b"END" + b" " * 77, b" " * 80),  # no END card anywhere
-        with_table.read_bytes(),  # a table extension: astropy's business
-        b"",
-        str(tmp_path / "missing_raw.fits"),
-        str(tmp_path),  # a directory
-    ]:
+    for odd in [with_table.read_bytes(), str(tmp_path / "missing_raw.fits"), str(tmp_path)]:  # astropy's business
         assert chips.map_fits(odd) is None
+
+
+def test_walker_refuses_invalid_structure_and_names_the_hdu(tmp_path):
+    good = write_file(tmp_path / "x_raw.fits").read_bytes()
+    for odd, error_class, text in [
+        (good[: len(good) // 3], "truncated", "HDU 1 of"),  # truncated in the data
+        (good[: 2880 + 1000], "truncated", "ends inside its header"),  # in the first extension's header
+        (good.replace(b"SIMPLE  =", b"SIMPLX  =", 1), "not_fits", "SIMPLE"),
+        (good.replace(b"END" + b" " * 77, b" " * 80), "bad_header", "BITPIX appears twice"),  # no END: runs into the next header
+        (b"", "not_fits", "empty"),
+    ]:
+        with pytest.raises(chips.FitsStructureError, match=text) as caught:
+            chips.map_fits(odd, "x_raw.fits")
+        assert caught.value.error_class == error_class and "x_raw.fits" in str(caught.value)
+
+
+def test_trailing_bytes_are_ignored_as_astropy_ignores_them(tmp_path, monkeypatch):
+    good = write_file(tmp_path / "x_raw.fits").read_bytes() + b"\0" * 100
+    fast = read_fits(good, uri="x_raw.fits")
+    _astropy_only(monkeypatch)
+    slow = read_fits(good, uri="x_raw.fits")
+    assert [type(r) for r in fast] == [type(r) for r in slow] == [Chip, Chip]
+    for f, s in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(f.pixels, s.pixels)
+
+
+# --- hostile files: each an error record naming the file and the HDU, within a second, never astropy's to open ----------
+
+HOSTILE = hostile_files()
+REFUSED_BY_THE_WALKER = {"bad_header", "over_limit", "truncated", "not_fits"}
+
+
+def test_the_issue_file_is_5760_bytes():
+    data, _ = HOSTILE["negative_naxis1"]
+    assert len(data) == 5760 and b"NAXIS1  =                   -1" in data
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_file_is_an_error_record_within_a_second(tmp_path, monkeypatch, case):
+    data, expected = HOSTILE[case]
+    path = tmp_path / f"{case}_raw.fits"
+    path.write_bytes(data)
+    if expected in REFUSED_BY_THE_WALKER and case != "data_past_the_end":
+
+        def no_astropy(*args, **kwargs):
+            raise AssertionError("astropy was asked to open a file the walker refused")
+
+        monkeypatch.setattr(chips, "open_fits", no_astropy)  # read_fits turns the AssertionError into an 'internal' record
+    for source, hdus in [(data, None), (str(path), None), (str(path), [1, 4])]:
+        start = time.perf_counter()
+        records = read_fits(source, uri=str(path), hdus=hdus)
+        assert time.perf_counter() - start < 1.0, case
+        assert records and all(isinstance(r, ChipError) for r in records), records
+        classes = [r.error_class for r in records]
+        assert expected in classes and set(classes) <= {expected, "missing_sci"}, [(r.error_class, r.message) for r in records]
+        assert all(f"{case}_raw.fits" in r.message for r in records)
+        if hdus:
+            assert [r.hdu for r in records] == hdus
+
+
+def test_gzip_files_are_read_and_bombs_refused_within_a_second(tmp_path):
+    path = write_file(tmp_path / "x_raw.fits")
+    packed = tmp_path / "x_raw.fits.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes(), 1))
+    assert [type(r) for r in read_fits(str(packed))] == [Chip, Chip]
+    zeros = gzip.compress(b"\0" * (chips.MAX_DECOMPRESSED_BYTES + BLOCK), 9)
+    header_and_zeros = gzip.compress(path.read_bytes()[:BLOCK] + b"\0" * (chips.MAX_DECOMPRESSED_BYTES + BLOCK), 9)
+    assert len(zeros) < 1 << 20 and len(header_and_zeros) < 1 << 20
+    for data, error_class, seconds in [
+        (zeros, "not_fits", 0.1),  # refused after inflating one block
+        (header_and_zeros, "over_limit", 2.0),  # inflated up to the cap, then refused
+        (packed.read_bytes()[:5000], "truncated", 1.0),
+        (gzip.compress(b"SIMPLE") + b"\0", "not_fits", 1.0),
+    ]:
+        start = time.perf_counter()
+        (record,) = read_fits(data, uri="x_raw.fits.gz")
+        assert time.perf_counter() - start < seconds and record.error_class == error_class, record
+
+
+def test_bad_scaling_keywords_and_huge_sip_orders(tmp_path):
+    path = write_file(tmp_path / "x_raw.fits")
+    with fits.open(path, mode="update") as hdul:
+        hdul[1].header["BSCALE"] = "abc"
+        hdul[4].header.update({"CTYPE1": "RA---TAN-SIP", "CTYPE2": "DEC--TAN-SIP", "A_ORDER": 100000, "B_ORDER": 2})
+    start = time.perf_counter()
+    first, second = read_fits(str(path))
+    assert time.perf_counter() - start < 2.0
+    assert isinstance(first, ChipError) and first.error_class == "bad_header" and "BSCALE" in first.message
+    assert isinstance(second, Chip) and second.meta.radec_from_targ  # the distortion is not evaluated; the chip still comes out
 
 
 def test_sky_position_is_astropy_all_pix2world():
