@@ -57,9 +57,14 @@ class ClassifierDeployment:
     """A thin wrapper around `ChipClassifier` that adds HTTP handling and dynamic batching."""
 
     def __init__(
-        self, checkpoint: str, max_body_mb: float = DEFAULT_MAX_BODY_MB, device: str = "auto", storage_options: dict | None = None
+        self,
+        checkpoint: str,
+        max_body_mb: float = DEFAULT_MAX_BODY_MB,
+        device: str = "auto",
+        storage_options: dict | None = None,
+        precision: str = "auto",
     ):
-        self.classifier = ChipClassifier(checkpoint, device=device, storage_options=storage_options)
+        self.classifier = ChipClassifier(checkpoint, device=device, storage_options=storage_options, precision=precision)
         self.max_bytes = int(max_body_mb * 1024 * 1024)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -126,7 +131,8 @@ class ClassifierDeployment:
 def build_app(args: dict) -> serve.Application:
     """Application builder for ``serve run`` / ``serve deploy`` (``import_path: ray_hrc.serve:build_app``).
 
-    args: ``checkpoint`` (required), ``max_body_mb`` (default 200), ``device`` ("auto"), ``storage_options``, and
+    args: ``checkpoint`` (required), ``max_body_mb`` (default 200), ``device`` ("auto"), ``precision`` ("auto": bf16 on
+    CPUs with AMX or AVX-512 BF16, see `ray_hrc.models.choose_precision`), ``storage_options``, and
     ``num_cpus``/``num_gpus`` per replica (otherwise the deployment's defaults or the config file's ray_actor_options).
     """
     if "checkpoint" not in args:
@@ -141,6 +147,7 @@ def build_app(args: dict) -> serve.Application:
         max_body_mb=float(args.get("max_body_mb", DEFAULT_MAX_BODY_MB)),
         device=args.get("device", "auto"),
         storage_options=args.get("storage_options"),
+        precision=args.get("precision", "auto"),
     )
 
 
