@@ -18,6 +18,8 @@ REQUIRED_KEYS = [
     "preprocess_naive_ms_per_chip",
     "cpu_forward_s_per_chip",
     "cpu_forward_eager_s_per_chip",
+    "cpu_forward_bf16_s_per_chip",
+    "cpu_matmul_bf16_gflops",
     "pipeline_efficiency",
     "pipeline_peak_memory_ratio",
     "train_ray_vs_plain",
@@ -71,6 +73,40 @@ def _loads(v: list[float] | None) -> str:
 
 def _cmd(base: str, section: str, quick: bool) -> str:
     return f"{base} --sections {section}" + (" --quick" if quick else "")
+
+
+def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
+    """Figure 2b: the bf16 path (what precision "auto" runs on a CPU with AMX or AVX-512 BF16) against eager fp32."""
+    eager, bf16 = i.get("cpu_forward_eager_s_per_chip"), i.get("cpu_forward_bf16_s_per_chip")
+    speed = eager / bf16 if eager and bf16 else None
+    roof = (i.get("roof_fraction") or {}).get("bf16")
+    f = Figure(
+        "2b", f"CPU forward bf16, width {plan['inference_width']:g} (s/chip)", "cpu_forward_bf16_s_per_chip", bf16, "s",
+        "eager fp32 NCHW, BN unfolded", eager, speed, "speedup", ">= 6x eager and >= half the bf16 matmul roof (AMX)",
+        (speed >= 6 and roof >= 0.5) if speed and roof else None, i.get("repeats"), command,
+    )  # fmt: skip
+    if not bf16:
+        f.notes.append(f"Not measured: {i.get('cpu_precision_auto', 'no inference section')}; precision auto runs fp32 here.")
+        return f
+    cpu = i.get("cpu_forward_cpu_s") or {}
+    ach = i.get("achieved_gflops") or {}
+    f.notes.append(
+        f"CPU bf16 features: {', '.join(i.get('cpu_bf16_features') or [])}. Same run: fp32 path {_fmt(i.get('cpu_forward_s_per_chip'))} "
+        f"s, bf16 {_fmt(bf16)} s, eager {_fmt(eager)} s per chip (wall); process CPU seconds eager {_fmt(cpu.get('eager'))}, fp32 "
+        f"{_fmt(cpu.get('project'))}, bf16 {_fmt(cpu.get('bf16'))}. Matmul roofs: fp32 {_fmt(max(i.get('gemm_gflops') or [0]))}, "
+        f"bf16 {_fmt(i.get('cpu_matmul_bf16_gflops'))} GFLOP/s; achieved fp32 {_fmt(ach.get('project'))} "
+        f"({_pct((i.get('roof_fraction') or {}).get('project') or 0)} of its roof), bf16 {_fmt(ach.get('bf16'))} ({_pct(roof or 0)})."
+    )
+    if i.get("cpu_forward_bf16_compiled_s_per_chip"):
+        be = i.get("compile_break_even_chips")
+        f.notes.append(
+            f"bf16 with torch.compile: {_fmt(i['cpu_forward_bf16_compiled_s_per_chip'])} s/chip; compiling took "
+            f"{_fmt(i.get('cpu_forward_compile_s'))} s"
+            + (f", repaid after {be:.0f} chips per process." if be else ", and it is not faster.")
+        )
+    if i.get("cpu_forward_bf16_max_abs_diff_vs_fp32") is not None:
+        f.notes.append(f"|p bf16 - p fp32| on this chip (random weights): {i['cpu_forward_bf16_max_abs_diff_vs_fp32']:.2g}.")
+    return f
 
 
 def build_figures(r: dict, plan: dict) -> list[Figure]:
@@ -146,6 +182,7 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
                     "fewer or cheaper FLOPs (lower precision; see the CPU flags above for a bf16 or int8 fast path)."
                 )
     figs.append(f)
+    figs.append(_bf16_figure(i, plan, _cmd(base, "inference", quick)))
 
     g = r.get("gpu", {})
     f = Figure(

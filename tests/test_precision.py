@@ -179,3 +179,20 @@ def test_prepared_bf16_model_matches_fp32_on_random_weights(float32_stem: bool) 
         got = prepared((x if float32_stem else x.to(torch.bfloat16)).contiguous(memory_format=torch.channels_last))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.02 * expected.abs().max().item())
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_records_the_precision_it_ran(ray_session, tiny_archive, random_checkpoint, tmp_path) -> None:
+    """`evaluate` (through `classify_archive`'s actors) runs the precision it is given and writes it in its metrics and
+    the run summary, with the CPU features behind it."""
+    import json
+
+    from ray_hrc.evaluate import evaluate_checkpoint
+    from ray_hrc.manifest import read_manifest
+
+    metrics = evaluate_checkpoint(random_checkpoint, str(tiny_archive), str(tmp_path / "report"), config=ClassifyConfig(precision="fp32"))
+    chips = len(read_manifest(str(tiny_archive)))
+    (described,) = metrics["precision"]
+    assert described.startswith("fp32 on cpu: set in the configuration; CPU has ") and metrics["precision"][described] == chips
+    summary = json.loads((tmp_path / "report" / "catalog" / "summary.json").read_text())
+    assert summary["precision"] == metrics["precision"]
