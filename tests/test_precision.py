@@ -196,3 +196,16 @@ def test_evaluate_records_the_precision_it_ran(ray_session, tiny_archive, random
     assert described.startswith("fp32 on cpu: set in the configuration; CPU has ") and metrics["precision"][described] == chips
     summary = json.loads((tmp_path / "report" / "catalog" / "summary.json").read_text())
     assert summary["precision"] == metrics["precision"]
+
+
+@pytest.mark.parametrize("command", ["classify", "evaluate"])
+def test_precision_flag_reaches_the_model_stage(command: str) -> None:
+    from ray_hrc.cli import _classify_configs, build_parser
+
+    common = ["--checkpoint", "ck", "--out", "o"] + (["--input", "x.fits"] if command == "classify" else ["--manifest", "m.csv"])
+    _, stage = _classify_configs(build_parser().parse_args([command, *common, "--precision", "fp32"]))
+    assert stage.precision == "fp32"
+    _, stage = _classify_configs(build_parser().parse_args([command, *common]))
+    assert stage.precision == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, *common, "--precision", "fp16"])
