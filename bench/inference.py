@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import CHIP_SHAPE, random_checkpoint
+from bench.common import CHIP_SHAPE, cpu_flags, cpu_model, random_checkpoint
 
 logger = logging.getLogger(__name__)
+
+CONV_WRAPPERS = ("aten::conv2d", "aten::convolution", "aten::_convolution")
 
 
 def model_macs(model: nn.Module) -> dict[str, float]:
@@ -108,7 +110,9 @@ def profile_table(model: nn.Module, x: torch.Tensor) -> list[dict]:
             "self_ms": e.self_cpu_time_total / 1e3,
             "share": e.self_cpu_time_total / total,
         }
-        if "convolution" in e.key and e.self_cpu_time_total > 0:
+        # the operator that computes (aten::mkldnn_convolution, ...), not the wrappers that call it (their self time is
+        # dispatch only, and counting their FLOPs too would triple the rate)
+        if "convolution" in e.key and e.key not in CONV_WRAPPERS and e.self_cpu_time_total > 0:
             gflop = _conv_gflop(e.input_shapes)
             if gflop:
                 row["gflop"] = gflop
@@ -185,6 +189,8 @@ def measure(
     achieved = {k: flops / v / 1e9 for k, v in med.items()}
     roof = {k: (peak_bf16 if k.startswith("bf16") else peak) for k in med}
     out = {
+        "cpu_model": cpu_model(),  # this section's machine (a merged run keeps the other sections' machine description)
+        "cpu_flags": cpu_flags(),
         "cpu_bf16_features": features,
         "cpu_precision_auto": auto.describe(),
         "cpu_forward_s_per_chip": med["project"],

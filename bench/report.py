@@ -91,7 +91,7 @@ def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
     cpu = i.get("cpu_forward_cpu_s") or {}
     ach = i.get("achieved_gflops") or {}
     f.notes.append(
-        f"CPU bf16 features: {', '.join(i.get('cpu_bf16_features') or [])}. Same run: fp32 path {_fmt(i.get('cpu_forward_s_per_chip'))} "
+        f"Measured on {i.get('cpu_model', 'a CPU')} with {', '.join(i.get('cpu_bf16_features') or [])}. Same run: fp32 path {_fmt(i.get('cpu_forward_s_per_chip'))} "
         f"s, bf16 {_fmt(bf16)} s, eager {_fmt(eager)} s per chip (wall); process CPU seconds eager {_fmt(cpu.get('eager'))}, fp32 "
         f"{_fmt(cpu.get('project'))}, bf16 {_fmt(cpu.get('bf16'))}. Matmul roofs: fp32 {_fmt(max(i.get('gemm_gflops') or [0]))}, "
         f"bf16 {_fmt(i.get('cpu_matmul_bf16_gflops'))} GFLOP/s; achieved fp32 {_fmt(ach.get('project'))} "
@@ -103,6 +103,13 @@ def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
             f"bf16 with torch.compile: {_fmt(i['cpu_forward_bf16_compiled_s_per_chip'])} s/chip; compiling took "
             f"{_fmt(i.get('cpu_forward_compile_s'))} s"
             + (f", repaid after {be:.0f} chips per process." if be else ", and it is not faster.")
+        )
+    if i.get("profile_path") == "bf16" and i.get("profile_total_ms"):
+        f.notes.append(
+            f"Where the bf16 path's time goes (profile below, {_fmt(i['profile_total_ms'])} ms of operator time): the float32 stem "
+            f"(conv1 on the chip and its first pool) takes {_fmt(i.get('profile_stem_ms'))} ms, "
+            f"{_pct(i['profile_stem_ms'] / i['profile_total_ms'])}; conv1 (one input channel, 7 x 7, float32) runs at "
+            f"{_fmt(i.get('profile_conv1_gflops'))} GFLOP/s, the bf16 convolutions after it at {_fmt(i.get('profile_other_conv_gflops'))} GFLOP/s."
         )
     if i.get("cpu_forward_bf16_max_abs_diff_vs_fp32") is not None:
         f.notes.append(f"|p bf16 - p fp32| on this chip (random weights): {i['cpu_forward_bf16_max_abs_diff_vs_fp32']:.2g}.")
@@ -172,7 +179,7 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
         )
         if speed < 2.5:
             f.notes.append(f"Missed by {2.5 / speed:.2f}x: needs {eager / 2.5:.2f} s/chip, measured {proj:.2f} s/chip.")
-            if i.get("profile_stem_ms") is not None and i.get("profile_total_ms"):
+            if i.get("profile_stem_ms") is not None and i.get("profile_total_ms") and i.get("profile_path", "project") == "project":
                 f.notes.append(
                     f"What limits it (profile below): convolutions after the first run at {_fmt(i.get('profile_other_conv_gflops'))} "
                     f"GFLOP/s, about the GEMM rate; conv1 (one input channel, 7 x 7) runs at {_fmt(i.get('profile_conv1_gflops'))} "
@@ -398,7 +405,7 @@ def markdown(figs: list[Figure], r: dict, plan: dict, machine: dict, run: dict) 
         if f.key == "cpu_forward_s_per_chip" and r.get("inference", {}).get("profile"):
             i = r["inference"]
             lines += [
-                f"torch.profiler, one forward of the project's path ({_fmt(i['profile_total_ms'])} ms of operator time; convolutions "
+                f"torch.profiler, one forward of the project's {i.get('profile_path', 'project').replace('project', 'fp32')} path ({_fmt(i['profile_total_ms'])} ms of operator time; convolutions "
                 f"{_fmt(i['profile_conv_ms'])} ms at {_fmt(i.get('profile_conv_gflops'))} GFLOP/s overall):",
                 "",
                 "| operator | input shapes | self ms | share | GFLOP/s |",
