@@ -209,3 +209,25 @@ def test_precision_flag_reaches_the_model_stage(command: str) -> None:
     assert stage.precision == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, *common, "--precision", "fp16"])
+
+
+def test_cpu_bf16_autocast_training_step() -> None:
+    """`train.cpu_bf16`'s path: `train_step` under CPU bf16 autocast keeps float32 weights, changes them, and its loss
+    follows the float32 step's."""
+    from contextlib import nullcontext
+
+    from ray_hrc.config import load_config
+    from ray_hrc.train import train_step
+
+    assert load_config(None, ["train.cpu_bf16=true"]).train.cpu_bf16
+    x = torch.from_numpy(_chips(2, SHAPE).astype(np.float32))[:, None]
+    y = torch.tensor([0, 1])
+    losses = {}
+    for name, autocast in (("fp32", nullcontext), ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+        torch.manual_seed(0)
+        model = build_model("hrcelestialnet", width=0.0625, input_shape=list(SHAPE), stem_init="dct")
+        before = model.fc3.weight.detach().clone()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = train_step(model, optimizer, x, y, autocast)
+        assert model.fc3.weight.dtype == torch.float32 and not torch.equal(model.fc3.weight, before)
+    assert np.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["fp32"]) < 0.05, losses
