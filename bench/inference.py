@@ -157,6 +157,17 @@ def measure(
     bf16 = ChipClassifier(checkpoint, device="cpu", precision="bf16") if features else None
     if bf16 is not None:
         paths["bf16"] = lambda: bf16.probabilities(batch)
+        # the same with the stem in bf16 too (prepare_for_inference(float32_stem=False)): what the float32 stem costs
+        from ray_hrc.models import prepare_for_inference
+
+        bf16_stem = prepare_for_inference(reference, dtype=torch.bfloat16, float32_stem=False)
+        x_bf16 = torch.from_numpy(image)[None, None].to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+        def all_bf16():
+            with torch.inference_mode():
+                return torch.softmax(bf16_stem(x_bf16).float(), dim=1)
+
+        paths["bf16_stem"] = all_bf16
     compile_s = None
     if compile and bf16 is not None:
         compiled = ChipClassifier(checkpoint, device="cpu", compile=True, precision="bf16")
@@ -199,6 +210,7 @@ def measure(
         "cpu_forward_bf16_s_per_chip": med.get("bf16"),
         "cpu_forward_bf16_speedup": med["eager"] / med["bf16"] if "bf16" in med else None,
         "cpu_forward_bf16_compiled_s_per_chip": med.get("bf16_compiled"),
+        "cpu_forward_bf16_stem_s_per_chip": med.get("bf16_stem"),
         "cpu_forward_bf16_compiled_speedup": med["eager"] / med["bf16_compiled"] if "bf16_compiled" in med else None,
         "cpu_forward_compile_s": compile_s,
         "cpu_forward_runs_s": wall,

@@ -97,6 +97,12 @@ def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
         f"bf16 {_fmt(i.get('cpu_matmul_bf16_gflops'))} GFLOP/s; achieved fp32 {_fmt(ach.get('project'))} "
         f"({_pct((i.get('roof_fraction') or {}).get('project') or 0)} of its roof), bf16 {_fmt(ach.get('bf16'))} ({_pct(roof or 0)})."
     )
+    if i.get("cpu_forward_bf16_stem_s_per_chip"):
+        f.notes.append(
+            f"With the stem in bf16 too (`prepare_for_inference(float32_stem=False)`, not the default): "
+            f"{_fmt(i['cpu_forward_bf16_stem_s_per_chip'])} s/chip, {_fmt(eager / i['cpu_forward_bf16_stem_s_per_chip'])}x eager "
+            f"(CPU {_fmt(cpu.get('bf16_stem'))} s), {_pct((i.get('roof_fraction') or {}).get('bf16_stem') or 0)} of the bf16 roof."
+        )
     if i.get("cpu_forward_bf16_compiled_s_per_chip"):
         be = i.get("compile_break_even_chips")
         f.notes.append(
