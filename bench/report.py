@@ -18,6 +18,8 @@ REQUIRED_KEYS = [
     "preprocess_naive_ms_per_chip",
     "cpu_forward_s_per_chip",
     "cpu_forward_eager_s_per_chip",
+    "cpu_forward_bf16_s_per_chip",
+    "cpu_matmul_bf16_gflops",
     "pipeline_efficiency",
     "pipeline_peak_memory_ratio",
     "train_ray_vs_plain",
@@ -73,6 +75,53 @@ def _loads(v: list[float] | None) -> str:
 
 def _cmd(base: str, section: str, quick: bool) -> str:
     return f"{base} --sections {section}" + (" --quick" if quick else "")
+
+
+def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
+    """Figure 2b: the bf16 path (what precision "auto" runs on a CPU with AMX or AVX-512 BF16) against eager fp32."""
+    eager, bf16 = i.get("cpu_forward_eager_s_per_chip"), i.get("cpu_forward_bf16_s_per_chip")
+    speed = eager / bf16 if eager and bf16 else None
+    roof = (i.get("roof_fraction") or {}).get("bf16")
+    f = Figure(
+        "2b", f"CPU forward bf16, width {plan['inference_width']:g} (s/chip)", "cpu_forward_bf16_s_per_chip", bf16, "s",
+        "eager fp32 NCHW, BN unfolded", eager, speed, "speedup", ">= 6x eager and >= half the bf16 matmul roof (AMX)",
+        (speed >= 6 and roof >= 0.5) if speed and roof else None, i.get("repeats"), command,
+    )  # fmt: skip
+    if not bf16:
+        f.notes.append(f"Not measured: {i.get('cpu_precision_auto', 'no inference section')}; precision auto runs fp32 here.")
+        return f
+    cpu = i.get("cpu_forward_cpu_s") or {}
+    ach = i.get("achieved_gflops") or {}
+    f.notes.append(
+        f"Measured on {i.get('cpu_model', 'a CPU')} with {', '.join(i.get('cpu_bf16_features') or [])}. Same run: fp32 path {_fmt(i.get('cpu_forward_s_per_chip'))} "
+        f"s, bf16 {_fmt(bf16)} s, eager {_fmt(eager)} s per chip (wall); process CPU seconds eager {_fmt(cpu.get('eager'))}, fp32 "
+        f"{_fmt(cpu.get('project'))}, bf16 {_fmt(cpu.get('bf16'))}. Matmul roofs: fp32 {_fmt(max(i.get('gemm_gflops') or [0]))}, "
+        f"bf16 {_fmt(i.get('cpu_matmul_bf16_gflops'))} GFLOP/s; achieved fp32 {_fmt(ach.get('project'))} "
+        f"({_pct((i.get('roof_fraction') or {}).get('project') or 0)} of its roof), bf16 {_fmt(ach.get('bf16'))} ({_pct(roof or 0)})."
+    )
+    if i.get("cpu_forward_bf16_stem_s_per_chip"):
+        f.notes.append(
+            f"With the stem in bf16 too (`prepare_for_inference(float32_stem=False)`, not the default): "
+            f"{_fmt(i['cpu_forward_bf16_stem_s_per_chip'])} s/chip, {_fmt(eager / i['cpu_forward_bf16_stem_s_per_chip'])}x eager "
+            f"(CPU {_fmt(cpu.get('bf16_stem'))} s), {_pct((i.get('roof_fraction') or {}).get('bf16_stem') or 0)} of the bf16 roof."
+        )
+    if i.get("cpu_forward_bf16_compiled_s_per_chip"):
+        be = i.get("compile_break_even_chips")
+        f.notes.append(
+            f"bf16 with torch.compile: {_fmt(i['cpu_forward_bf16_compiled_s_per_chip'])} s/chip; compiling took "
+            f"{_fmt(i.get('cpu_forward_compile_s'))} s"
+            + (f", repaid after {be:.0f} chips per process." if be else ", and it is not faster.")
+        )
+    if i.get("profile_path") == "bf16" and i.get("profile_total_ms"):
+        f.notes.append(
+            f"Where the bf16 path's time goes (profile below, {_fmt(i['profile_total_ms'])} ms of operator time): the float32 stem "
+            f"(conv1 on the chip and its first pool) takes {_fmt(i.get('profile_stem_ms'))} ms, "
+            f"{_pct(i['profile_stem_ms'] / i['profile_total_ms'])}; conv1 (one input channel, 7 x 7, float32) runs at "
+            f"{_fmt(i.get('profile_conv1_gflops'))} GFLOP/s, the bf16 convolutions after it at {_fmt(i.get('profile_other_conv_gflops'))} GFLOP/s."
+        )
+    if i.get("cpu_forward_bf16_max_abs_diff_vs_fp32") is not None:
+        f.notes.append(f"|p bf16 - p fp32| on this chip (random weights): {i['cpu_forward_bf16_max_abs_diff_vs_fp32']:.2g}.")
+    return f
 
 
 def build_figures(r: dict, plan: dict) -> list[Figure]:
@@ -138,7 +187,7 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
         )
         if speed < 2.5:
             f.notes.append(f"Missed by {2.5 / speed:.2f}x: needs {eager / 2.5:.2f} s/chip, measured {proj:.2f} s/chip.")
-            if i.get("profile_stem_ms") is not None and i.get("profile_total_ms"):
+            if i.get("profile_stem_ms") is not None and i.get("profile_total_ms") and i.get("profile_path", "project") == "project":
                 f.notes.append(
                     f"What limits it (profile below): convolutions after the first run at {_fmt(i.get('profile_other_conv_gflops'))} "
                     f"GFLOP/s, about the GEMM rate; conv1 (one input channel, 7 x 7) runs at {_fmt(i.get('profile_conv1_gflops'))} "
@@ -148,6 +197,7 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
                     "fewer or cheaper FLOPs (lower precision; see the CPU flags above for a bf16 or int8 fast path)."
                 )
     figs.append(f)
+    figs.append(_bf16_figure(i, plan, _cmd(base, "inference", quick)))
 
     g = r.get("gpu", {})
     f = Figure(
@@ -391,7 +441,7 @@ def markdown(figs: list[Figure], r: dict, plan: dict, machine: dict, run: dict) 
         if f.key == "cpu_forward_s_per_chip" and r.get("inference", {}).get("profile"):
             i = r["inference"]
             lines += [
-                f"torch.profiler, one forward of the project's path ({_fmt(i['profile_total_ms'])} ms of operator time; convolutions "
+                f"torch.profiler, one forward of the project's {i.get('profile_path', 'project').replace('project', 'fp32')} path ({_fmt(i['profile_total_ms'])} ms of operator time; convolutions "
                 f"{_fmt(i['profile_conv_ms'])} ms at {_fmt(i.get('profile_conv_gflops'))} GFLOP/s overall):",
                 "",
                 "| operator | input shapes | self ms | share | GFLOP/s |",

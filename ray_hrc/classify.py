@@ -24,7 +24,8 @@ import ray
 from ray_hrc.checkpoint import load_checkpoint, norm_from_checkpoint
 from ray_hrc.data import ReadConfig, read_chips
 from ray_hrc.manifest import resolve_sources
-from ray_hrc.predict import CATALOG_COLUMNS, ChipClassifier
+from ray_hrc.models import PRECISIONS
+from ray_hrc.predict import CATALOG_COLUMNS, ChipClassifier, precision_counts
 from ray_hrc.storage import OutputConfig, Storage
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ class ClassifyConfig:
     cpus_per_actor: float = 1.0
     device: str = "auto"  # "auto", "cpu" or "cuda"
     format: str = "parquet"  # catalog format: parquet, csv, fits (binary table) or votable
+    precision: str = "auto"  # model forward: "auto" (bf16 on CPUs with AMX/AVX-512 BF16 and bf16 GPUs, else fp32), "fp32" or "bf16"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision is {self.precision!r}; expected one of {list(PRECISIONS)}")
         if self.format not in FORMATS:
             raise ValueError(f"format is {self.format!r}; expected one of {sorted(FORMATS)}")
 
@@ -187,6 +191,7 @@ def classify_archive(
     summary = consolidate(rows, out, config.format, opts)
     wall = time.perf_counter() - start
     summary.update(new_chips=int(new), wall_s=round(wall, 2), chips_per_s=round(new / wall, 3) if wall > 0 else None, checkpoint=checkpoint)
+    summary["precision"] = precision_counts(rows)  # chips per forward precision, with the CPU features that chose it
     with fs.open(_join(root, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
@@ -205,7 +210,12 @@ def _run_pipeline(
     try:
         ds = read_chips(files, read, norm=norm).map_batches(
             ChipClassifier,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if gpu else "cpu", "storage_options": opts},
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "device": "cuda" if gpu else "cpu",
+                "storage_options": opts,
+                "precision": config.precision,
+            },
             batch_size=config.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),

@@ -164,6 +164,8 @@ def _classify_configs(args: argparse.Namespace):
     for flag, key in (("batch_size", "batch_size"), ("min_actors", "min_actors"), ("max_actors", "max_actors"), ("format", "format")):
         if getattr(args, flag, None) is not None:
             changes[key] = getattr(args, flag)
+    if getattr(args, "precision", None) is not None:
+        changes["precision"] = args.precision
     if args.gpu is not None:
         changes["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
     read = read_config_from_args(args, job.read if args.config else None)
@@ -223,6 +225,10 @@ def _add_model_stage_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gpu", choices=["auto", "yes", "no"], default=None, help="model actors on GPUs (default auto: when the cluster has any)"
     )
+    g.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default=None,
+        help="model forward (default auto: bf16 on CPUs with AMX or AVX-512 BF16 and on bf16 GPUs, fp32 elsewhere)",
+    )  # fmt: skip
     g.add_argument("--overwrite", action="store_true", help="start over instead of resuming in --out")
 
 

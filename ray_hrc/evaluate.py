@@ -107,6 +107,7 @@ def evaluate_checkpoint(
         )
         table = _read_any(summary["catalog"], config.format, output.storage_options)
         failed = summary["failed"]
+        precision = summary.get("precision")
     else:
         keys = chip_keys(manifest, read)
         table = chips_of(_read_any(catalog, _format_of(catalog), output.storage_options), keys)
@@ -119,6 +120,7 @@ def evaluate_checkpoint(
         if other:
             raise ValueError(f"{catalog} was classified with weights {other}, not those of {checkpoint} ({state.get('weights_hash', '')})")
         failed = 0
+        precision = None  # scored from an existing catalog: its run's summary.json says how it was classified
     metrics: dict[str, Any] = {
         "model": name,
         "dataset": dataset,
@@ -127,6 +129,7 @@ def evaluate_checkpoint(
         **score(table),
     }
     metrics["failed_chips"] = failed
+    metrics["precision"] = precision
     rows = [table_row(name, dataset, metrics)]
     confusion_plot(
         metrics["confusion"], CLASS_NAMES, out_path / "confusion.png", title=f"{name} on {dataset}: {100 * metrics['accuracy']:.1f}%"

@@ -16,7 +16,7 @@ import torch
 
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, model_from_checkpoint, norm_from_checkpoint
 from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS  # not ray_hrc.data: the core imports no Ray
-from ray_hrc.models import prepare_for_inference
+from ray_hrc.models import choose_precision, prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return batch
 
 
+def precision_counts(rows) -> dict[str, int]:
+    """Chips per forward precision (`ChipClassifier`'s ``precision`` column) in catalog rows (a DataFrame), for run
+    summaries; rows from before the column existed, and error rows, are not counted."""
+    if "precision" not in rows or not len(rows):
+        return {}
+    values = rows.loc[rows["error_class"] == "", "precision"] if "error_class" in rows else rows["precision"]
+    return {str(k): int(v) for k, v in values.value_counts().items() if k not in ("", "nan", "None")}
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,26 +64,35 @@ class ChipClassifier:
     """Loads a checkpoint once; ``__call__(batch)`` turns preprocessed chip rows into catalog rows.
 
     checkpoint: a checkpoint directory or ``checkpoint.pt`` URI (local or ``s3://``).
-    device: "auto" (CUDA when there is one), "cpu" or "cuda". On CUDA the model runs under bf16 autocast.
+    device: "auto" (CUDA when there is one), "cpu" or "cuda".
+    precision: "auto", "fp32" or "bf16" (`ray_hrc.models.choose_precision`): "auto" runs bf16 weights on a CPU with
+        native bf16 matrix instructions (AMX, AVX-512 BF16) and bf16 autocast on a CUDA GPU that supports it, float32
+        elsewhere. The choice and the CPU features behind it are logged once, and each catalog row carries it
+        (column ``precision``).
     """
 
-    def __init__(self, checkpoint: str, device: str = "auto", storage_options: dict | None = None, compile: bool = False):
+    def __init__(
+        self, checkpoint: str, device: str = "auto", storage_options: dict | None = None, compile: bool = False, precision: str = "auto"
+    ):
         state = load_checkpoint(checkpoint, storage_options)
         self.device = pick_device(device)
         self.model_name = state["model_name"]
         self.checkpoint_id = state.get("weights_hash", "")
         self.norm = norm_from_checkpoint(state)
         self.class_names = tuple(state.get("class_names", CLASS_NAMES))
-        self.model = prepare_for_inference(model_from_checkpoint(state), self.device, channels_last=True, fold_bn=True, compile=compile)
-        logger.info("loaded %s (%s) from %s on %s", self.model_name, self.checkpoint_id, checkpoint, self.device)
+        self.precision = choose_precision(precision, self.device)
+        self.model = prepare_for_inference(
+            model_from_checkpoint(state), self.device, channels_last=True, fold_bn=True, compile=compile, dtype=self.precision.dtype
+        )
+        logger.info("loaded %s (%s) from %s; precision %s", self.model_name, self.checkpoint_id, checkpoint, self.precision.describe())
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities, float64 (B, n_classes), for normalised images (B, H, W)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)[:, None].float()
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)[:, None].float()  # the stem runs in float32
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+            if self.precision.autocast:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     logits = self.model(x)
             else:
                 logits = self.model(x)
@@ -98,6 +116,7 @@ class ChipClassifier:
             p_nsc=probs[:, 1],
             model=np.full(n, self.model_name),
             checkpoint=np.full(n, self.checkpoint_id),
+            precision=np.full(n, self.precision.describe()),
             preprocess_ms=np.asarray(batch.get("preprocess_ms", np.zeros(n)), np.float64),
             classify_ms=classify_ms,
         )

@@ -99,8 +99,9 @@ class ClassifierDeployment:
         batch_size: int = DEFAULT_BATCH_SIZE,
         read_threads: int = DEFAULT_READ_THREADS,
         stall_s: float = DEFAULT_STALL_S,
+        precision: str = "auto",
     ):
-        self.classifier = ChipClassifier(checkpoint, device=device, storage_options=storage_options)
+        self.classifier = ChipClassifier(checkpoint, device=device, storage_options=storage_options, precision=precision)
         self.max_bytes = int(max_body_mb * 1024 * 1024)
         self.batch_size, self.stall_s = int(batch_size), float(stall_s)
         self.read_pool = ThreadPoolExecutor(read_threads, thread_name_prefix="read")
@@ -218,9 +219,10 @@ class ClassifierDeployment:
 def build_app(args: dict) -> serve.Application:
     """Application builder for ``serve run`` / ``serve deploy`` (``import_path: ray_hrc.serve:build_app``).
 
-    args: ``checkpoint`` (required), ``max_body_mb`` (default 200), ``device`` ("auto"), ``storage_options``,
-    ``batch_size`` (chips per forward pass, 8), ``read_threads`` (2), ``stall_s`` (120), and ``num_cpus``/``num_gpus``
-    per replica (otherwise the deployment's defaults or the config file's ray_actor_options).
+    args: ``checkpoint`` (required), ``max_body_mb`` (default 200), ``device`` ("auto"), ``precision`` ("auto": bf16 on
+    CPUs with AMX or AVX-512 BF16, see `ray_hrc.models.choose_precision`), ``storage_options``, ``batch_size`` (chips
+    per forward pass, 8), ``read_threads`` (2), ``stall_s`` (120), and ``num_cpus``/``num_gpus`` per replica
+    (otherwise the deployment's defaults or the config file's ray_actor_options).
     """
     if "checkpoint" not in args:
         raise ValueError("the Serve application needs args.checkpoint: a checkpoint directory (local or s3://)")
@@ -240,6 +242,7 @@ def build_app(args: dict) -> serve.Application:
         batch_size=int(args.get("batch_size", DEFAULT_BATCH_SIZE)),
         read_threads=int(args.get("read_threads", DEFAULT_READ_THREADS)),
         stall_s=float(args.get("stall_s", DEFAULT_STALL_S)),
+        precision=args.get("precision", "auto"),
     )
 
 

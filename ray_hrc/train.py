@@ -265,8 +265,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         raise ConfigError(f"train.optimizer is {cfg.train.optimizer!r}; expected 'sgd' or 'adamw'")
     scheduler = lr_scheduler(optimizer, cfg.train, loop_config.get("steps_per_epoch", 1))
-    use_bf16 = cfg.train.bf16 and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    use_bf16 = cfg.train.bf16 and (device.type == "cuda" or cfg.train.cpu_bf16)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     start_epoch, history, best = 0, [], -1.0
     checkpoint = ray.train.get_checkpoint()

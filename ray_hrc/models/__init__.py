@@ -10,7 +10,16 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ray_hrc.models.inference import count_parameters, fold_batchnorm, prepare_for_inference, size_mib
+from ray_hrc.models.inference import (
+    PRECISIONS,
+    Precision,
+    choose_precision,
+    count_parameters,
+    fold_batchnorm,
+    pool_before_relu,
+    prepare_for_inference,
+    size_mib,
+)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 """Registered builders by name. A builder takes keyword arguments and returns a module with a `model_args` dict."""
@@ -43,6 +52,9 @@ from ray_hrc.models.hrcelestialnet import HRCelestialNet  # noqa: E402
 
 __all__ = [
     "MODELS",
+    "PRECISIONS",
+    "Precision",
+    "choose_precision",
     "HRCelestialNet",
     "baselines",
     "build_model",
@@ -50,6 +62,7 @@ __all__ = [
     "fold_batchnorm",
     "hrcelestialnet",
     "list_models",
+    "pool_before_relu",
     "prepare_for_inference",
     "register_model",
     "size_mib",

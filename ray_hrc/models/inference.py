@@ -1,22 +1,112 @@
-"""Inference helpers: fold BatchNorm into the preceding convolution, channels_last, optional torch.compile; model size.
+"""Inference helpers: fold BatchNorm into the preceding convolution, pool before ReLU, channels_last, bf16 weights where
+the CPU multiplies bf16 natively, optional torch.compile; model size.
 
 fold_batchnorm folds every Conv2d that is immediately followed by a BatchNorm2d inside an nn.Sequential. That is every
 BatchNorm of HR-CelestialNet (12) and of torchvision's VGG16-BN (13). AlexNet has no BatchNorm. In torchvision's
 ResNet only the downsample branches (3 of 20 BatchNorms in ResNet-18) are Sequentials; the others are attributes
 (conv1/bn1 of a block) and are left as they are: folding them needs a traced graph
 (torch.fx.experimental.optimization.fuse), which HR-CelestialNet's input-shape check does not allow.
+
+pool_before_relu rewrites each ReLU -> MaxPool2d pair of an nn.Sequential as MaxPool2d -> ReLU (the same numbers: ReLU is
+monotonic, so it commutes with a max) and an overlapping pool whose kernel is a multiple of its stride (HR-CelestialNet's
+8/4 and 4/2) as a non-overlapping pool then a stride-1 one (also the same numbers). On a 2048 x 4096 chip this takes
+the ReLU off conv1's full-resolution output (32 x 2042 x 4090 at width 1) and reads that output once instead of 16
+times: those two operators took most of the bf16 forward's time before.
+
+choose_precision picks the CPU forward's number format per machine: bf16 weights and activations where the CPU has
+native bf16 matrix instructions (AMX or AVX-512 BF16, from the CPU flags), float32 elsewhere (AVX2-only CPUs such as
+AMD EPYC before Zen 4 emulate bf16 and run slower than float32).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Forward precisions a predictor accepts: "auto" chooses per machine (`choose_precision`)."""
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of native bf16 matrix instructions (Intel Sapphire Rapids and later: both; AMD Zen 4: the second)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The forward's number format on one device and why it was chosen.
+
+    name: "fp32" or "bf16". On CPU, bf16 means bf16 weights and activations (logits converted to float32); on CUDA,
+    bf16 autocast. reason: the CPU features (or the setting) that decided it, for logs and run summaries.
+    """
+
+    name: str
+    device: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the CPU model's weights and inputs (float32 on CUDA, where bf16 is autocast)."""
+        return torch.bfloat16 if self.name == "bf16" and self.device == "cpu" else torch.float32
+
+    @property
+    def autocast(self) -> bool:
+        return self.name == "bf16" and self.device != "cpu"
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}: {self.reason}"
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where the file does not exist, e.g. macOS)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_bf16_features(flags: set[str] | None = None) -> list[str]:
+    """The native bf16 matrix features this CPU has (from `cpu_flags`, else from PyTorch's own CPU checks)."""
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return [f for f in BF16_CPU_FLAGS if f in flags]
+    found = []
+    if torch.cpu._is_amx_tile_supported():
+        found.append("amx_bf16")
+    if torch.cpu._is_avx512_bf16_supported():
+        found.append("avx512_bf16")
+    return found
+
+
+def choose_precision(requested: str = "auto", device: str | torch.device = "cpu", flags: set[str] | None = None) -> Precision:
+    """The forward precision for `device`: `requested` unless it is "auto", which means bf16 on a CPU with native bf16
+    matrix instructions (`BF16_CPU_FLAGS`) or a CUDA GPU that supports bf16, float32 elsewhere.
+
+    flags: the CPU's flags (default: this machine's `cpu_flags`).
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision is {requested!r}; expected one of {list(PRECISIONS)}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if requested != "auto":
+            return Precision(requested, kind, "set in the configuration")
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", kind, f"{torch.cuda.get_device_name()} supports bf16 autocast")
+        return Precision("fp32", kind, f"{torch.cuda.get_device_name()} does not support bf16")
+    features = cpu_bf16_features(flags)
+    found = f"native bf16: {', '.join(features)}" if features else f"no native bf16 ({' or '.join(BF16_CPU_FLAGS)} not in the CPU flags)"
+    if requested != "auto":
+        return Precision(requested, kind, f"set in the configuration; CPU has {found}")
+    return Precision("bf16" if features else "fp32", kind, f"CPU has {found}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -51,20 +141,94 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _split_pool(pool: nn.MaxPool2d) -> nn.Module:
+    """An overlapping MaxPool2d (kernel a multiple of the stride) as a non-overlapping pool then a stride-1 pool.
+
+    Window [s*i, s*i + m*s) is the union of the m stride-sized blocks i .. i+m-1, so max-pooling blocks (kernel s,
+    stride s) and then m neighbouring blocks (kernel m, stride 1) gives the same maxima and the same output size
+    (N - m*s) // s + 1 = N // s - m + 1. Any other pool is returned as it is.
+    """
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    plain = _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices
+    if not plain or kernel == stride or any(k % s for k, s in zip(kernel, stride, strict=True)):
+        return pool
+    return nn.Sequential(nn.MaxPool2d(stride, stride), nn.MaxPool2d((kernel[0] // stride[0], kernel[1] // stride[1]), 1))
+
+
+def pool_before_relu(model: nn.Module) -> nn.Module:
+    """`model` (changed in place and returned) with each ReLU -> MaxPool2d pair of an nn.Sequential swapped to
+    MaxPool2d -> ReLU and overlapping pools split (`_split_pool`). The outputs are exactly the same."""
+    count = 0
+    for module in list(model.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        for index in range(len(module) - 1):
+            relu, pool = module[index], module[index + 1]
+            if isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d):
+                module[index], module[index + 1] = _split_pool(pool), relu
+                count += 1
+    logger.debug("moved %d ReLUs after their max-pools", count)
+    return model
+
+
+class CastTo(nn.Module):
+    """Converts its input to `dtype` (after a float32 stem, before the layers that run in bf16)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return str(self.dtype)
+
+
+def stem_name(model: nn.Module) -> str | None:
+    """The name of the first direct child of `model` that holds a convolution reading one channel (HR-CelestialNet's
+    conv1 block; a torchvision ResNet's conv1), or None."""
+    for name, child in model.named_children():
+        if any(isinstance(m, nn.Conv2d) and m.in_channels == 1 for m in child.modules()):
+            return name
+    return None
+
+
 def prepare_for_inference(
     model: nn.Module,
     device: str | torch.device = "cpu",
     channels_last: bool = True,
     fold_bn: bool = True,
     compile: bool = False,
+    dtype: torch.dtype = torch.float32,
+    float32_stem: bool = True,
 ) -> nn.Module:
-    """A copy of `model` ready for prediction: eval mode, BatchNorm folded, on `device`, optionally channels_last and compiled.
+    """A copy of `model` ready for prediction: eval mode, BatchNorm folded, ReLUs after their pools (`pool_before_relu`),
+    on `device` in `dtype` (bf16 weights on a CPU with native bf16, `choose_precision`), optionally channels_last and
+    compiled.
 
-    Inputs keep their usual (B, C, H, W) shape; with channels_last they are best passed in that memory format too
+    float32_stem: with a `dtype` other than float32, the stem (`stem_name`: the block that reads the chip's pixels)
+        stays float32 and its pooled output is converted to `dtype`. The chip's dynamic range then meets float32
+        weights, and the rounding to bf16 happens after the 8/4 pool on a 16 times smaller tensor. Measured on a
+        model whose last layer separates float32 features of two kinds of chip, an all-bf16 forward moved p_galaxy
+        by up to 0.06 and most of that came from the stem (`tests/test_precision.py`); the cost is in
+        `bench/inference.py`.
+
+    Inputs keep their usual (B, C, H, W) shape and come in float32 (in `dtype` where the whole model runs in it: no
+    float32 stem); with channels_last they are best passed in that memory format too
     (`x.to(memory_format=torch.channels_last)`; for one channel it is the same layout). `model` is untouched.
     """
     prepared = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
-    prepared = prepared.to(device)
+    prepared = pool_before_relu(prepared).to(device=device)
+    stem = stem_name(prepared) if float32_stem and dtype != torch.float32 else None
+    float_stem = copy.deepcopy(getattr(prepared, stem)) if stem else None
+    prepared = prepared.to(dtype=dtype)
+    if stem:
+        setattr(prepared, stem, nn.Sequential(float_stem, CastTo(dtype)))
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     if compile:
