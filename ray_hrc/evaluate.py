@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 
@@ -159,15 +158,9 @@ def _format_of(path: str) -> str:
 
 
 def _read_any(path: str, fmt: str) -> pd.DataFrame:
-    if fmt == "parquet":
-        with fsspec.open(path, "rb") as fh:
-            return pd.read_parquet(fh)
-    if fmt == "csv":
-        with fsspec.open(path) as fh:
-            return pd.read_csv(fh, keep_default_na=False)
-    from astropy.table import Table
+    from ray_hrc.catalog_formats import read_table
 
-    return Table.read(path, format="fits" if fmt == "fits" else "votable").to_pandas()
+    return read_table(path, fmt)
 
 
 def compare(checkpoints: list[str], manifest: str, out: str, **kwargs: Any) -> str:
