@@ -16,8 +16,9 @@ from astropy.io.votable import parse
 from astropy.io.votable.ucd import check_ucd
 
 from ray_hrc.catalog_formats import COLUMNS, NO_POSITION, read_table, write_table
-from ray_hrc.classify import ERROR_TABLE_COLUMNS
+from ray_hrc.classify import ERROR_TABLE_COLUMNS, ClassifyConfig
 from ray_hrc.predict import CATALOG_COLUMNS
+
 
 def fitsverify(*paths) -> None:
     """Fail unless cfitsio's fitsverify finds no error and no warning in every file."""
@@ -183,3 +184,67 @@ def test_hats_catalog_opens_in_lsdb_and_crossmatches_known_positions(tmp_path):
     np.testing.assert_allclose(matched["_dist_arcsec"], 3.0, atol=0.01)
     again = read_table(str(tmp_path / "catalog.hats"), "hats")
     assert len(again) == len(placed)
+
+
+@pytest.mark.timeout(600)
+def test_classify_cli_writes_hats_that_lsdb_crossmatches_and_fits_votable_that_verify(
+    ray_session, tiny_archive, random_checkpoint, tmp_path
+):
+    """`ray-hrc classify --format hats` on a real local Ray; then the same parts consolidated as FITS and VOTable."""
+    import lsdb
+
+    from ray_hrc.classify import classify_archive
+    from ray_hrc.cli import main
+    from ray_hrc.manifest import read_manifest
+
+    out = tmp_path / "run"
+    assert main(["classify", "--input", str(tiny_archive), "--checkpoint", random_checkpoint, "--out", str(out), "--format", "hats"]) == 0
+    manifest = read_manifest(str(tiny_archive))
+    chips = lsdb.open_catalog(out / "catalog.hats")
+    assert chips.hc_structure.catalog_info.total_rows == len(manifest) and (out / "errors.parquet").exists()
+
+    # Known positions: each body's coordinates in the manifest. Every chip of a body lies within 5 arcmin of them.
+    bodies = manifest.groupby("ID").agg(ra=("RA", "first"), dec=("DEC", "first"), obsids=("OBSID", lambda s: sorted(set(s)))).reset_index()
+    known = lsdb.from_dataframe(bodies[["ID", "ra", "dec"]], catalog_name="bodies", margin_threshold=None)
+    matched = known.crossmatch(chips, radius_arcsec=300, n_neighbors=50, suffixes=("", "_chip"), suffix_method="overlapping_columns")
+    matched = matched.compute()
+    assert len(matched) == len(manifest)
+    for body, group in matched.groupby("ID"):
+        assert sorted(set(group["obsid"])) == bodies.set_index("ID").at[body, "obsids"], body
+
+    for fmt in ("fits", "votable"):  # resume: nothing left to classify, the parts are consolidated again in `fmt`
+        summary = classify_archive([str(tiny_archive)], random_checkpoint, str(out), config=ClassifyConfig(format=fmt))
+        assert summary["new_chips"] == 0 and summary["chips"] == len(manifest)
+        if fmt == "fits":
+            fitsverify(summary["catalog"], summary["errors_table"])
+        else:
+            table = parse(summary["catalog"], verify="exception").get_first_table()
+            assert len(table.array) == len(manifest) and table.get_field_by_id("ra").ucd == "pos.eq.ra;meta.main"
+            parse(summary["errors_table"], verify="exception")
+
+
+def test_sky_report_draws_the_chips_and_summarises_each_target(tmp_path):
+    from matplotlib.image import imread
+
+    from ray_hrc.evaluate import sky_report
+
+    catalog = pd.DataFrame(
+        {
+            "targname": ["NGC-1", "NGC-1", "NGC-1", "M31", ""],
+            "ra": [179.9, 180.1, 180.0, 10.7, np.nan],  # a cell across RA 180 deg, and a chip without a position
+            "dec": [0.0, 0.1, -0.1, 41.3, np.nan],
+            "label": ["galaxy", "NSC", "galaxy", "NSC", "galaxy"],
+            "p_galaxy": [0.9, 0.2, 0.7, 0.1, 0.6],
+        }
+    )
+    targets = sky_report(catalog, tmp_path, title="test")
+    assert targets.to_dict("list") == {
+        "targname": ["NGC-1", "(none)", "M31"],
+        "chips": [3, 1, 1],
+        "share_galaxy": [2 / 3, 1.0, 0.0],
+        "mean_p_galaxy": pytest.approx([0.6, 0.6, 0.1]),
+    }
+    assert pd.read_csv(tmp_path / "targets.csv", keep_default_na=False)["targname"].tolist() == ["NGC-1", "(none)", "M31"]
+    assert "| NGC-1 | 3 | 66.7% | 0.600 |" in (tmp_path / "targets.md").read_text()
+    image = imread(tmp_path / "sky.png")
+    assert image.shape[0] > 400 and image[..., :3].std() > 0.05  # drawn, not blank
