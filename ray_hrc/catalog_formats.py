@@ -93,7 +93,7 @@ def write_table(df: pd.DataFrame | pa.Table, path: str, fmt: str, storage_option
         _write_hats(df, fs, tmp, storage_options, name=path)
         if fs.exists(target):
             fs.rm(target, recursive=True)
-        fs.mv(tmp, target, recursive=True)
+        _move_folder(fs, tmp, target)
         return
     with fs.open(tmp, "wb") as fh:
         if fmt == "parquet":
@@ -107,6 +107,18 @@ def write_table(df: pd.DataFrame | pa.Table, path: str, fmt: str, storage_option
     fs.mv(tmp, target)
 
 
+def _move_folder(fs, src: str, dst: str) -> None:
+    """Rename a folder; on an object store (no rename) copy its files with ``collection.properties`` last, so that
+    LSDB finds the collection only once every file it names is in place, then delete `src`."""
+    if "file" in fs.protocol:
+        fs.mv(src, dst, recursive=True)
+        return
+    files = sorted(fs.find(src), key=lambda f: f.endswith("collection.properties"))
+    for f in files:
+        fs.copy(f, dst + f[len(src) :])
+    fs.rm(src, recursive=True)
+
+
 def read_table(path: str, fmt: str, storage_options: dict | None = None) -> pd.DataFrame:
     """Read a table `write_table` wrote (for HATS: the whole catalog, without LSDB's ``_healpix_29`` index)."""
     if fmt == "parquet":
@@ -117,8 +129,9 @@ def read_table(path: str, fmt: str, storage_options: dict | None = None) -> pd.D
             return pd.read_csv(fh, keep_default_na=False)
     if fmt == "hats":
         import lsdb
+        from upath import UPath
 
-        catalog = lsdb.open_catalog(path, **({"storage_options": storage_options} if storage_options else {}))
+        catalog = lsdb.open_catalog(UPath(path, **(storage_options or {})))  # hats 0.11 drops storage_options= on the way
         return pd.DataFrame(catalog.compute()).reset_index(drop=True)
     from astropy.table import Table
 

@@ -248,3 +248,24 @@ def test_sky_report_draws_the_chips_and_summarises_each_target(tmp_path):
     assert "| NGC-1 | 3 | 66.7% | 0.600 |" in (tmp_path / "targets.md").read_text()
     image = imread(tmp_path / "sky.png")
     assert image.shape[0] > 400 and image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_hats_and_fits_catalogs_on_s3(s3_bucket):
+    """The same writers against an S3-protocol server (moto): a HATS folder and a FITS file, each renamed into place."""
+    import lsdb
+    import s3fs
+    from upath import UPath
+
+    bucket, opts = s3_bucket
+    catalog = synthetic_catalog(n=30, seed=2)
+    write_table(catalog, f"{bucket}/run/catalog.hats", "hats", opts)
+    write_table(catalog, f"{bucket}/run/catalog.fits", "fits", opts)
+    listing = s3fs.S3FileSystem(**opts).ls(f"{bucket}/run")
+    assert sorted(p.rsplit("/", 1)[1] for p in listing) == ["catalog.fits", "catalog.hats"]
+    chips = lsdb.open_catalog(UPath(f"{bucket}/run/catalog.hats", **opts))
+    assert (
+        sorted(chips.compute()["obsid"])
+        == sorted(read_table(f"{bucket}/run/catalog.hats", "hats", opts)["obsid"])
+        == sorted(catalog["obsid"])
+    )
+    assert list(read_table(f"{bucket}/run/catalog.fits", "fits", opts)["obsid"]) == list(catalog["obsid"])
