@@ -78,10 +78,19 @@ COLUMNS: dict[str, tuple[str, str, str]] = {  # name -> (unit, UCD, description)
 }
 
 
+def check_format(fmt: str) -> None:
+    """Fail before a run, not after it, on an unknown format or one whose writer is not installed."""
+    import importlib.util
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format is {fmt!r}; expected one of {sorted(FORMATS)}")
+    if fmt == "hats" and importlib.util.find_spec("lsdb") is None:
+        raise ImportError("format 'hats' needs the lsdb and hats packages: pip install 'ray_hrc[hats]'")
+
+
 def write_table(df: pd.DataFrame | pa.Table, path: str, fmt: str, storage_options: dict | None = None) -> None:
     """Write a table as `fmt` (a key of `FORMATS`) at `path` (local or remote); atomically (temporary name, then rename)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"{path}: format is {fmt!r}; expected one of {sorted(FORMATS)}")
+    check_format(fmt)
     if isinstance(df, pa.Table):
         df = df.to_pandas()
     df = df.reset_index(drop=True)

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
-from ray_hrc.catalog_formats import ERRORS_FORMAT, FORMATS, write_table
+from ray_hrc.catalog_formats import ERRORS_FORMAT, FORMATS, check_format, write_table
 from ray_hrc.checkpoint import load_checkpoint, norm_from_checkpoint
 from ray_hrc.data import ReadConfig, read_chips
 from ray_hrc.manifest import resolve_sources
@@ -47,8 +47,7 @@ class ClassifyConfig:
     format: str = "parquet"  # catalog format: parquet, csv, fits (binary table), votable or hats (HEALPix-partitioned, for LSDB)
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format is {self.format!r}; expected one of {sorted(FORMATS)}")
+        check_format(self.format)
 
 
 @dataclass(frozen=True)
