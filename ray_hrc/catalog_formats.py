@@ -175,15 +175,20 @@ def _xml_text(text: str) -> str:
     return _XML_ILLEGAL.sub(" ", text)
 
 
-def _astropy_table(df: pd.DataFrame, *, bool_as_int: bool, text=str):
-    """An astropy Table with units, UCDs and descriptions; text columns (passed through `text`) as fixed-width unicode."""
+def _astropy_table(df: pd.DataFrame, *, bool_as_int: bool, text=str, unsafe: re.Pattern | None = None):
+    """An astropy Table with units, UCDs and descriptions; text columns as fixed-width unicode, the values that
+    match `unsafe` passed through `text`."""
     from astropy.table import Table
 
     table = Table()
     for name in df.columns:
         values = df[name].to_numpy()
         if values.dtype == object or not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
-            values = np.asarray(["" if v is None or (isinstance(v, float) and np.isnan(v)) else text(str(v)) for v in values], dtype=str)
+            strings = df[name].astype(object).where(df[name].notna(), "").astype(str)
+            if unsafe is not None:
+                bad = strings.str.contains(unsafe)
+                strings[bad] = strings[bad].map(text)
+            values = strings.to_numpy(dtype=str)
             if values.dtype.itemsize == 0:  # an empty column still needs a width
                 values = values.astype("U1")
         elif values.dtype == bool and bool_as_int:
@@ -203,7 +208,7 @@ def _fits_hdulist(df: pd.DataFrame, extname: str):
     """A FITS file: empty primary HDU + one binary table with ``TUNITn``, ``TUCDn`` and ``TCOMMn`` per known column."""
     from astropy.io import fits
 
-    hdu = fits.table_to_hdu(_astropy_table(df, bool_as_int=False, text=_fits_text))
+    hdu = fits.table_to_hdu(_astropy_table(df, bool_as_int=False, text=_fits_text, unsafe=_NOT_FITS_TEXT))
     hdu.header["EXTNAME"] = (extname.upper()[:68], "table name")
     for i, name in enumerate(df.columns, start=1):
         unit, ucd, description = COLUMNS.get(name, ("", "", ""))
@@ -220,7 +225,7 @@ def _votable(df: pd.DataFrame):
     """A VOTable (TABLEDATA) whose FIELDs carry unit, UCD and description; bools as short 0/1."""
     from astropy.io.votable import from_table
 
-    votable = from_table(_astropy_table(df, bool_as_int=True, text=_xml_text))
+    votable = from_table(_astropy_table(df, bool_as_int=True, text=_xml_text, unsafe=_XML_ILLEGAL))
     for f in votable.get_first_table().fields:
         f.ucd = COLUMNS.get(f.name, ("", None, ""))[1] or None
     return votable
