@@ -1,7 +1,7 @@
 """Catalog and error tables on disk: Parquet, CSV, FITS binary table, VOTable and HATS, with units and UCDs.
 
-Every writer is atomic: the table is written under a temporary name and renamed, so a half-written file is never
-mistaken for a catalog. Columns carry a unit, a UCD (IVOA UCD1+) and a description from `COLUMNS`, so TOPCAT and
+Every table is written under a temporary name and renamed, so a half-written file is never mistaken for a catalog
+(a HATS folder on an object store, which cannot rename, is copied into place with its collection file last). Columns carry a unit, a UCD (IVOA UCD1+) and a description from `COLUMNS`, so TOPCAT and
 Aladin recognise the sky position (``ra``/``dec`` in deg, ``pos.eq.ra;meta.main``), the exposure time (s) and the
 probabilities (``stat.probability``):
 
@@ -12,8 +12,8 @@ probabilities (``stat.probability``):
   columns are written as ``short`` 0/1, because astropy writes them as ``bit`` and not every reader takes that
   (STILTS 3.4 fails on astropy's BINARY bool);
 - HATS: a HEALPix-partitioned Parquet catalog of chip centres, written by `lsdb` (``from_dataframe`` then
-  ``write_catalog``) as a collection with a margin cache of `HATS_MARGIN_ARCSEC`, with its coverage (``point_map.fits``, which LSDB reads as a MOC) and ``moc.fits`` (the same
-  MOC as a FITS file for Aladin). LSDB opens it with ``lsdb.open_catalog``. Chips without a sky position cannot be
+  ``write_catalog``) as a collection with a margin cache of `HATS_MARGIN_ARCSEC`, with its coverage
+  (``point_map.fits``, which LSDB reads as a MOC) and ``moc.fits`` (the same MOC as a FITS file for Aladin). LSDB opens it with ``lsdb.open_catalog``. Chips without a sky position cannot be
   placed and go to ``no_position.parquet`` inside the same folder (with a warning).
 """
 
@@ -62,7 +62,7 @@ COLUMNS: dict[str, tuple[str, str, str]] = {  # name -> (unit, UCD, description)
     "date_obs": ("", "time.start;obs.exposure", "UTC start of the exposure, ISO 8601"),
     "ra": ("deg", "pos.eq.ra;meta.main", "right ascension of the chip centre (ICRS)"),
     "dec": ("deg", "pos.eq.dec;meta.main", "declination of the chip centre (ICRS)"),
-    "radec_from_targ": ("", "meta.code", "1 where the centre is RA_TARG/DEC_TARG (no usable WCS)"),
+    "radec_from_targ": ("", "meta.code", "true where the centre is RA_TARG/DEC_TARG (no usable WCS)"),
     "label": ("", "src.class", "predicted class: galaxy or NSC"),
     "p_galaxy": ("", "stat.probability", "model probability of the galaxy class"),
     "p_nsc": ("", "stat.probability", "model probability of the NSC (nebula/star cluster) class"),
