@@ -141,7 +141,7 @@ def read_table(path: str, fmt: str, storage_options: dict | None = None) -> pd.D
         from upath import UPath
 
         catalog = lsdb.open_catalog(UPath(path, **(storage_options or {})))  # hats 0.11 drops storage_options= on the way
-        return pd.DataFrame(catalog.compute()).reset_index(drop=True)
+        return pd.DataFrame(catalog.compute(progress_bar=False)).reset_index(drop=True)
     from astropy.table import Table
 
     with fsspec.open(path, "rb", **(storage_options or {})) as fh:
