@@ -266,3 +266,31 @@ def test_hats_and_fits_catalogs_on_s3(s3_bucket):
         == sorted(catalog["obsid"])
     )
     assert list(read_table(f"{bucket}/run/catalog.fits", "fits", opts)["obsid"]) == list(catalog["obsid"])
+
+
+def test_evaluate_scores_a_hats_catalog_and_writes_the_sky_report(tiny_archive, random_checkpoint, tmp_path):
+    """`ray-hrc evaluate --catalog OUT/catalog.hats` (no classification, so no Ray): the report gains sky.png and targets."""
+    from ray_hrc.checkpoint import load_checkpoint
+    from ray_hrc.chips import read_fits
+    from ray_hrc.evaluate import evaluate_checkpoint
+    from ray_hrc.manifest import read_manifest
+
+    manifest = read_manifest(str(tiny_archive))
+    rows = []
+    for i, (_, r) in enumerate(manifest.iterrows()):
+        (chip,) = read_fits(r["URI"], hdus=[int(r["HDU Index"])])
+        right = i % 3 != 0  # two chips in three labelled right
+        label = r["Label"] if right else ("NSC" if r["Label"] == "galaxy" else "galaxy")
+        meta = {k: getattr(chip.meta, k) for k in ("uri", "obsid", "hdu", "targname", "ra", "dec")}
+        rows.append({**meta, "label": label, "p_galaxy": 0.8 if label == "galaxy" else 0.2, "p_nsc": 0.2 if label == "galaxy" else 0.8,
+                     "checkpoint": load_checkpoint(random_checkpoint)["weights_hash"], "label_true": r["Label"], "body": r["ID"],
+                     "preprocess_ms": 1.0, "classify_ms": 1.0})  # fmt: skip
+    write_table(pd.DataFrame(rows), str(tmp_path / "run" / "catalog.hats"), "hats")
+    metrics = evaluate_checkpoint(
+        random_checkpoint, str(tiny_archive), str(tmp_path / "report"), catalog=str(tmp_path / "run" / "catalog.hats")
+    )
+    assert metrics["chips"] == len(manifest) and metrics["accuracy"] == pytest.approx(
+        sum(i % 3 != 0 for i in range(len(manifest))) / len(manifest)
+    )
+    targets = pd.read_csv(tmp_path / "report" / "targets.csv")
+    assert targets["chips"].sum() == len(manifest) and (tmp_path / "report" / "sky.png").stat().st_size > 10_000
