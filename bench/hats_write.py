@@ -5,7 +5,7 @@ Rows are synthetic catalog rows (every column `classify` writes; no pixels), clu
 chips within 0.05 deg of targets spread over the sky. The first HATS write (imports, numba compilation) is a warm-up
 and not counted.
 
-    flock /tmp/ray.lock python bench/hats_write.py --rows 100000,200000 --repeats 3 --out bench/hats_write.json
+    flock /tmp/ray.lock python bench/hats_write.py --rows 100000,1000000 --repeats 3 --out bench/hats_write.json
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def timed_write(rows: pd.DataFrame, path: Path, fmt: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="100000,200000", help="comma-separated catalog sizes")
+    parser.add_argument("--rows", default="100000,1000000", help="comma-separated catalog sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "hats_write.json"))
     args = parser.parse_args(argv)
