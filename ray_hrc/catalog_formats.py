@@ -150,15 +150,20 @@ def read_table(path: str, fmt: str, storage_options: dict | None = None) -> pd.D
     return table.to_pandas()
 
 
-def _arrow_table(df: pd.DataFrame) -> pa.Table:
-    """`df` as Arrow, each known field annotated with its unit, UCD and description."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
+def annotate_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with each known field's unit, UCD and description in its metadata (for streamed Parquet writers too)."""
     fields = []
-    for f in table.schema:
+    for f in schema:
         unit, ucd, description = COLUMNS.get(f.name, ("", "", ""))
         meta = {k: v for k, v in (("unit", unit), ("ucd", ucd), ("description", description)) if v}
         fields.append(f.with_metadata(meta) if meta else f)
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _arrow_table(df: pd.DataFrame) -> pa.Table:
+    """`df` as Arrow, each known field annotated with its unit, UCD and description."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    return table.cast(annotate_schema(table.schema))
 
 
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
