@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast fuzz bench lint format clean
+.PHONY: install demo test test-deps test-fast fuzz bench lint format clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --out demo_out
 
-test: $(STAMP)
+# Tools the tests run on the outputs: cfitsio's fitsverify (Debian package; installed when missing and we are root).
+test-deps:
+	@command -v fitsverify >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y --no-install-recommends fitsverify; } || echo "fitsverify missing (not root?): install the Debian package fitsverify, or its tests fail"
+
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
+from ray_hrc.catalog_formats import ERRORS_FORMAT, FORMATS, check_format, write_table
 from ray_hrc.checkpoint import load_checkpoint, norm_from_checkpoint
 from ray_hrc.data import ReadConfig, read_chips
 from ray_hrc.manifest import resolve_sources
@@ -30,7 +31,6 @@ from ray_hrc.storage import OutputConfig, Storage
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"parquet": "parquet", "csv": "csv", "fits": "fits", "votable": "vot"}
 ERROR_TABLE_COLUMNS = ["uri", "hdu", "obsid", "error_class", "error"]
 PARTS = "_parts"
 
@@ -46,14 +46,13 @@ class ClassifyConfig:
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    format: str = "parquet"  # catalog format: parquet, csv, fits (binary table) or votable
+    format: str = "parquet"  # catalog format: parquet, csv, fits (binary table), votable or hats (HEALPix-partitioned, for LSDB)
     precision: str = "auto"  # model forward: "auto" (bf16 on CPUs with AMX/AVX-512 BF16 and bf16 GPUs, else fp32), "fp32" or "bf16"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision is {self.precision!r}; expected one of {list(PRECISIONS)}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format is {self.format!r}; expected one of {sorted(FORMATS)}")
+        check_format(self.format)
 
 
 @dataclass(frozen=True)
@@ -119,26 +118,6 @@ def plan_resume(files: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
         keep.append(not complete)
         skips.append(sorted(seen))
     return files.assign(skip_hdus=skips)[keep].reset_index(drop=True)
-
-
-def write_table(df: pd.DataFrame, path: str, fmt: str, storage_options: dict | None = None) -> None:
-    """Write a table as parquet, csv, FITS binary table or VOTable; atomically (temporary name, then rename)."""
-    fs, target = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    tmp = f"{target}.tmp"
-    with fs.open(tmp, "wb") as fh:
-        if fmt == "parquet":
-            df.to_parquet(fh, index=False)
-        elif fmt == "csv":
-            fh.write(df.to_csv(index=False).encode())
-        else:
-            from astropy.table import Table
-
-            table = Table.from_pandas(df.reset_index(drop=True))
-            for name in table.colnames:
-                if table[name].dtype == object:
-                    table[name] = table[name].astype(str)
-            table.write(fh, format="fits" if fmt == "fits" else "votable")
-    fs.mv(tmp, target)
 
 
 def _use_gpu(cfg: ClassifyConfig) -> bool:
@@ -265,10 +244,11 @@ def consolidate(rows: pd.DataFrame, out: str, fmt: str, storage_options: dict | 
     catalog = good.reindex(columns=columns)
     errors = bad.reindex(columns=ERROR_TABLE_COLUMNS)
     write_table(catalog, _join(out, f"catalog.{ext}"), fmt, storage_options)
-    write_table(errors, _join(out, f"errors.{ext}"), fmt, storage_options)
+    errors_fmt = ERRORS_FORMAT.get(fmt, fmt)  # HATS partitions by position; failed chips have none
+    write_table(errors, _join(out, f"errors.{FORMATS[errors_fmt]}"), errors_fmt, storage_options)
     summary: dict[str, Any] = {
         "catalog": _join(out, f"catalog.{ext}"),
-        "errors_table": _join(out, f"errors.{ext}"),
+        "errors_table": _join(out, f"errors.{FORMATS[errors_fmt]}"),
         "chips": int(len(catalog)),
         "failed": int(len(errors)),
         "by_label": {k: int(v) for k, v in catalog["label"].value_counts().items()} if len(catalog) else {},

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", required=True, help="manifest CSV(s), FITS paths/URIs, folders, prefixes or globs (local or s3://)"
     )
     p.add_argument("--out", required=True, help="output folder (local or s3://): catalog.<fmt>, errors.<fmt>, summary.json")
-    p.add_argument("--format", choices=["parquet", "csv", "fits", "votable"], default=None, help="catalog format (default parquet)")
+    p.add_argument("--format", choices=["parquet", "csv", "fits", "votable", "hats"], default=None, help="catalog format (default parquet)")
     _add_source_args(p)
     _add_output_storage_args(p)
     _add_model_stage_args(p)

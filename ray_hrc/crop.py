@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 _HEADER_KEYS = {  # row column -> (FITS keyword, comment)
     "obsid": ("ROOTNAME", "dataset name of the source raw file"),
-    "hdu": ("SRCHDU", "HDU index of the SCI extension in the source file"),
+    "hdu": ("SRCHDU", "HDU index of the SCI extension in source file"),
     "extver": ("SRCEXTV", "EXTVER of the SCI extension in the source file"),
     "ccdchip": ("CCDCHIP", "CCD chip"),
     "instrument": ("INSTRUME", "instrument/detector"),
@@ -38,7 +38,7 @@ _HEADER_KEYS = {  # row column -> (FITS keyword, comment)
     "date_obs": ("DATE-OBS", "UTC start of the exposure"),
     "ra": ("RA_CEN", "[deg] RA of the chip centre"),
     "dec": ("DEC_CEN", "[deg] Dec of the chip centre"),
-    "radec_from_targ": ("RADECTRG", "centre from RA_TARG/DEC_TARG (no usable WCS)"),
+    "radec_from_targ": ("RADECTRG", "centre from RA_TARG/DEC_TARG: no usable WCS"),
     "body": ("BODY", "celestial body (manifest ID)"),
     "label_true": ("LABEL", "manifest label: galaxy or NSC"),
 }
@@ -59,8 +59,10 @@ def chip_hdu(row: dict[str, Any]) -> fits.PrimaryHDU:
         header[key] = (value.item() if hasattr(value, "item") else value, comment)
     header["BUNIT"] = ("DN" if np.asarray(row["pixels"]).dtype == np.uint16 else "ELECTRONS", "cropped raw counts, not bias-subtracted")
     for i, bias in enumerate(np.asarray(row["amp_bias"]).tolist()):
-        header[f"BIAS{i + 1}"] = (round(float(bias), 2), f"[DN] bias of amp block {i + 1} (left to right), from its prescan")
-    header["SRCURI"] = (row["uri"], "source file")
+        header[f"BIAS{i + 1}"] = (round(float(bias), 2), f"[DN] prescan bias of amp block {i + 1} from left")
+    header["SRCURI"] = row["uri"]  # the source file; no comment, so that no URI length can truncate one
+    if any(isinstance(v, str) and len(v) > 68 for v in header.values()):  # astropy writes CONTINUE cards for these
+        header["LONGSTRN"] = ("OGIP 1.0", "long strings use the CONTINUE convention")
     header["ORIGIN"] = ("ray_hrc", "cropped as Zhang et al. (2023), section 2.2")
     return hdu
 

@@ -54,6 +54,16 @@ def ingest_preview(manifest: str, out: Path) -> dict:
     return summary
 
 
+def sky_of_archive(catalog: str, out: Path) -> None:
+    """The whole archive's catalog on the sky (``sky.png``) and per target (``targets.md``, ``targets.csv``)."""
+    from ray_hrc.catalog_formats import read_table
+    from ray_hrc.evaluate import sky_report
+
+    targets = sky_report(read_table(catalog, "parquet"), out, title="the synthetic archive's chips on the sky, by predicted label")
+    top = ", ".join(f"{r.targname} {r.chips} chips {100 * r.share_galaxy:.0f}% galaxy" for r in targets.head(3).itertuples())
+    print(f"[sky] {len(targets)} targets ({top}, ...) -> {out / 'sky.png'}, {out / 'targets.md'}")
+
+
 def run_demo(out: str = "demo_out", config: str | Path = DEMO_CONFIG, overrides: list[str] | None = None) -> dict:
     from ray_hrc.classify import ClassifyConfig, classify_archive
     from ray_hrc.config import load_config
@@ -86,6 +96,7 @@ def run_demo(out: str = "demo_out", config: str | Path = DEMO_CONFIG, overrides:
     summary = classify_archive([str(manifest)], outcome.best_checkpoint, str(out_path / "catalog"), config=ClassifyConfig(), overwrite=True)
     print(f"[classify] {summary['chips']} chips, {summary['failed']} failed, by label {summary['by_label']}, "
           f"{summary['chips_per_s']} chips/s -> {summary['catalog']} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    sky_of_archive(summary["catalog"], out_path / "catalog")
 
     t0 = time.perf_counter()
     report = evaluate_checkpoint(outcome.best_checkpoint, f"{outcome.run_dir}/test.csv", str(out_path / "report"), overwrite=True,
@@ -96,7 +107,7 @@ def run_demo(out: str = "demo_out", config: str | Path = DEMO_CONFIG, overrides:
     (out_path / "demo_summary.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"[demo] done in {result['wall_s']} s. Outputs under {out_path}:")
     for name in ("preview.png", f"runs/{run}/metrics.csv", f"runs/{run}/training_curves.png", f"runs/{run}/best", "catalog/catalog.parquet",
-                 "catalog/errors.parquet", "report/metrics.md", "report/confusion.png", "report/misclassified.png"):  # fmt: skip
+                 "catalog/errors.parquet", "catalog/sky.png", "catalog/targets.md", "report/metrics.md", "report/confusion.png", "report/misclassified.png"):  # fmt: skip
         path = out_path / name
         print(f"  {'ok ' if path.exists() else '-- '} {path}")
     return result

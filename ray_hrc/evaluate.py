@@ -86,7 +86,8 @@ def evaluate_checkpoint(
     catalog: str | None = None,
     output: OutputConfig = OutputConfig(),
 ) -> dict[str, Any]:
-    """Classify a labelled manifest and write ``metrics.json``, ``metrics.md``, ``confusion.png`` and ``misclassified.png``.
+    """Classify a labelled manifest and write ``metrics.json``, ``metrics.md``, ``confusion.png``, ``misclassified.png``,
+    ``sky.png`` and the per-target summary ``targets.md``/``targets.csv``.
 
     catalog: a catalog that `classify_archive` already wrote with this checkpoint for a superset of the manifest's
     chips (``make demo`` classifies the whole archive first); its rows for the manifest's chips are scored instead
@@ -139,6 +140,7 @@ def evaluate_checkpoint(
         rows.append(table_row(name, f"{dataset}-Blurry", metrics["blurry"]))
         confusion_plot(metrics["blurry"]["confusion"], CLASS_NAMES, out_path / "confusion_blurry.png", title=f"{name} on blurry chips")
     misclassified_gallery(table, out_path / "misclassified.png", read)
+    sky_report(table, out_path, title=f"{name}: {len(table)} evaluated chips on the sky, by predicted label")
     (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_path / "metrics.md").write_text("\n".join([TABLE_HEADER, "|" + "---|" * 9, *rows]) + "\n")
     return metrics
@@ -166,14 +168,9 @@ def _format_of(path: str) -> str:
 
 def _read_any(path: str, fmt: str, storage_options: dict | None = None) -> pd.DataFrame:
     """A catalog written by `classify_archive` (output side: `storage_options` are the output's)."""
-    with open_uri(path, "rb", storage_options) as fh:
-        if fmt == "parquet":
-            return pd.read_parquet(fh)
-        if fmt == "csv":
-            return pd.read_csv(fh, keep_default_na=False)
-        from astropy.table import Table
+    from ray_hrc.catalog_formats import read_table
 
-        return Table.read(fh, format="fits" if fmt == "fits" else "votable").to_pandas()
+    return read_table(path, fmt, storage_options)
 
 
 def compare(checkpoints: list[str], manifest: str, out: str, **kwargs: Any) -> str:
@@ -187,3 +184,30 @@ def compare(checkpoints: list[str], manifest: str, out: str, **kwargs: Any) -> s
     text = "\n".join([TABLE_HEADER, "|" + "---|" * 9, *rows]) + "\n"
     Path(out, "table4.md").write_text(text)
     return text
+
+
+def target_summary(catalog: pd.DataFrame) -> pd.DataFrame:
+    """Per TARGNAME: chips, share labelled galaxy and mean p_galaxy; the busiest targets first."""
+    if catalog.empty:
+        return pd.DataFrame(columns=["targname", "chips", "share_galaxy", "mean_p_galaxy"])
+    summary = (
+        catalog.assign(targname=catalog["targname"].replace("", "(none)"), galaxy=catalog["label"] == "galaxy")
+        .groupby("targname")
+        .agg(chips=("label", "size"), share_galaxy=("galaxy", "mean"), mean_p_galaxy=("p_galaxy", "mean"))
+        .reset_index()
+    )
+    return summary.sort_values(["chips", "targname"], ascending=[False, True], ignore_index=True)
+
+
+def sky_report(catalog: pd.DataFrame, out: str | Path, *, title: str = "") -> pd.DataFrame:
+    """Write ``sky.png`` (where the chips are, by predicted label) and ``targets.csv``/``targets.md`` under `out`."""
+    from ray_hrc.plots import sky_map
+
+    out = Path(out)
+    targets = target_summary(catalog)
+    sky_map(catalog, out / "sky.png", title=title)
+    targets.to_csv(out / "targets.csv", index=False)
+    lines = ["| Target | Chips | Labelled galaxy | Mean p_galaxy |", "|---|---|---|---|"]
+    lines += [f"| {r.targname} | {r.chips} | {100 * r.share_galaxy:.1f}% | {r.mean_p_galaxy:.3f} |" for r in targets.itertuples()]
+    (out / "targets.md").write_text("\n".join(lines) + "\n")
+    return targets

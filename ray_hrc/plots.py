@@ -90,3 +90,77 @@ def confusion_plot(confusion, class_names: Sequence[str], path: str | Path, *, t
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save(fig, path)
+
+
+LABEL_STYLE = {"galaxy": ("tab:orange", "o", 34), "NSC": ("tab:blue", "^", 14)}
+"""Predicted label -> (colour, marker, size) on sky maps: NSC markers sit smaller on top, so a target with both shows both."""
+
+
+def _mollweide_x(ra_deg: np.ndarray) -> np.ndarray:
+    """RA (deg) -> Mollweide longitude (rad), east to the left as on the sky: RA 0 at the centre, RA 90 left of it."""
+    return -np.radians((np.asarray(ra_deg, dtype=float) + 180.0) % 360.0 - 180.0)
+
+
+def sky_map(catalog, path: str | Path, *, title: str = "", order: int = 3, annotate: int = 8) -> Path:
+    """All-sky Mollweide map of where the chips are, coloured by predicted label.
+
+    catalog: rows with ``ra``/``dec`` (deg, ICRS), ``label`` and ``p_galaxy``; ``targname`` names the busiest
+    targets on the map. The HEALPix cells of `order` (3: cells of about 7.3 deg) that hold chips are filled by the
+    share of their chips labelled galaxy; each chip centre is a marker in its label's colour.
+    """
+    import cdshealpix.nested as healpix
+    from astropy import units as u
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import LinearSegmentedColormap
+
+    placed = catalog[np.isfinite(catalog["ra"].astype(float)) & np.isfinite(catalog["dec"].astype(float))]
+    fig = plt.figure(figsize=(10, 5.6))
+    ax = fig.add_subplot(111, projection="mollweide")
+    ax.grid(alpha=0.35)
+    ticks = np.arange(-150, 181, 30)
+    ax.set_xticks(np.radians(ticks), [f"{(-t) % 360}°" for t in ticks], fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    if len(placed):
+        ra, dec = placed["ra"].to_numpy(float), placed["dec"].to_numpy(float)
+        cells = healpix.lonlat_to_healpix(ra * u.deg, dec * u.deg, order).astype(np.int64)
+        galaxy = (placed["label"].to_numpy() == "galaxy").astype(float)
+        ids, inverse = np.unique(cells, return_inverse=True)
+        share = np.bincount(inverse, weights=galaxy) / np.bincount(inverse)
+        lon, lat = healpix.vertices(ids, order, step=8)
+        polygons, values = [], []
+        share_map = LinearSegmentedColormap.from_list("nsc_to_galaxy", [LABEL_STYLE["NSC"][0], "white", LABEL_STYLE["galaxy"][0]])
+        for k in range(len(ids)):
+            x, y = _mollweide_x(lon[k].to_value(u.deg)), lat[k].to_value(u.rad)
+            if x.max() - x.min() > np.pi:  # a cell across RA 180 deg: draw it on both edges, the axes clip each copy
+                polygons += [np.c_[np.where(x < 0, x + 2 * np.pi, x), y], np.c_[np.where(x > 0, x - 2 * np.pi, x), y]]
+                values += [share[k], share[k]]
+            else:
+                polygons.append(np.c_[x, y])
+                values.append(share[k])
+        cells_art = PolyCollection(
+            polygons, array=np.asarray(values), cmap=share_map, clim=(0, 1), alpha=0.45, edgecolor="0.4", linewidth=0.4
+        )
+        ax.add_collection(cells_art)
+        fig.colorbar(
+            cells_art,
+            ax=ax,
+            orientation="horizontal",
+            shrink=0.5,
+            pad=0.08,
+            label=f"share labelled galaxy per HEALPix cell (order {order})",
+        )
+        for label, (colour, marker, size) in LABEL_STYLE.items():
+            mine = placed["label"].to_numpy() == label
+            ax.scatter(_mollweide_x(ra[mine]), np.radians(dec[mine]), s=size, c=colour, marker=marker, edgecolors="k", linewidths=0.3,
+                       label=f"{label} ({mine.sum()} chips)", zorder=3)  # fmt: skip
+        if "targname" in placed and annotate:
+            busiest = placed.groupby("targname").agg(n=("ra", "size"), ra=("ra", "median"), dec=("dec", "median")).nlargest(annotate, "n")
+            for row in busiest.itertuples():
+                where = (_mollweide_x(row.ra), np.radians(row.dec))
+                ax.annotate(f"{row.Index} ({row.n})", where, xytext=(4, 4), textcoords="offset points", fontsize=6)
+        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.02, -0.02))
+    missing = len(catalog) - len(placed)
+    ax.set_title(
+        (title or f"{len(placed)} chips on the sky (ICRS)") + (f"; {missing} without a position" if missing else ""), fontsize=9, pad=14
+    )
+    return _save(fig, path)

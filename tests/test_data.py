@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -125,6 +127,9 @@ def test_crop_cli_local(ray_session, mixed_archive, tmp_path):
     assert sorted(index["hdu"]) == [1, 4] and (out / "jgood001q_hdu1.fits").exists()
     assert len(pd.read_csv(out / "errors.csv")) == 1
     assert not list(out.glob("*.part-*"))
+    chips = sorted(out.glob("*.fits"))  # every chip passes cfitsio's fitsverify: no error, no warning
+    done = subprocess.run(["fitsverify", "-q", *map(str, chips)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("verification OK") == len(chips) == 2, done.stdout + done.stderr
 
 
 def test_summarize_counts_both():
