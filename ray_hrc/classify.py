@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq

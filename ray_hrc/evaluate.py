@@ -19,7 +19,7 @@ from ray_hrc.checkpoint import CLASS_NAMES
 from ray_hrc.classify import FORMATS, ClassifyConfig, classify_archive
 from ray_hrc.data import ReadConfig
 from ray_hrc.manifest import read_manifest
-from ray_hrc.storage import OutputConfig, open_uri
+from ray_hrc.storage import OutputConfig
 from ray_hrc.train import classification_metrics, confusion_matrix
 
 logger = logging.getLogger(__name__)
