@@ -20,9 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --out demo_out
 
-# Tools the tests run on the outputs: cfitsio's fitsverify (Debian package; installed when missing and we are root).
+# Tools the tests run: cfitsio's fitsverify on the outputs, `hey` for Serve under HTTP load (Debian packages;
+# installed when missing and we are root).
+TEST_TOOLS := fitsverify hey
 test-deps:
-	@command -v fitsverify >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y --no-install-recommends fitsverify; } || echo "fitsverify missing (not root?): install the Debian package fitsverify, or its tests fail"
+	@missing=$$(for t in $(TEST_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; } \
+	|| echo "missing test tools (not root?): install the Debian packages $$missing, or their tests fail"
 
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
