@@ -12,6 +12,8 @@ leak into another's figures), all on one synthetic archive written once:
 4. pipeline    `ray-hrc classify` over N and k x N files: efficiency against the slowest stage alone, peak memory
                ratio, object-store bytes per chip from Ray Data's stats (sections 4 and 6; bench/pipeline.py)
 5. train       one Ray Train worker fed by Ray Data vs a plain PyTorch loop (bench/train_overhead.py)
+8. consolidate resume planning and catalog consolidation over 10k / 100k / 1M synthetic part rows (no pixels, no
+               Ray): wall time and the driver's peak RSS, each size in a fresh process (bench/consolidate.py)
 
 ``--quick`` runs every section on small inputs and narrow models (a smoke test for CI, seconds per section);
 its figures are not the benchmark's.
@@ -37,7 +39,7 @@ elif str(ROOT) not in sys.path:
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train")
+SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "consolidate")
 
 FULL = {
     "quick": False,
@@ -60,6 +62,7 @@ FULL = {
     "train_steps": 6,
     "train_warmup": 1,
     "train_repeats": 3,
+    "consolidate_sizes": [10_000, 100_000, 1_000_000],  # chips of synthetic part rows
     "section_timeout_s": 1200,
 }
 QUICK = {
@@ -84,6 +87,7 @@ QUICK = {
     "train_steps": 1,
     "train_warmup": 1,
     "train_repeats": 1,
+    "consolidate_sizes": [10_000],
     "section_timeout_s": 300,
 }
 
@@ -143,6 +147,10 @@ def run_section(name: str, plan: dict) -> dict:
             warmup=plan["train_warmup"],
             repeats=plan["train_repeats"],
         )
+    if name == "consolidate":
+        from bench import consolidate
+
+        return consolidate.measure(workdir / "consolidate", tuple(plan["consolidate_sizes"]))
     raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
 
 

@@ -43,6 +43,7 @@ from ray_hrc.parts import (
     best_rows,
     check_checkpoint,
     checkpoint_id,
+    compact,
     done_rows,
     index_of,
     load_index,
@@ -115,22 +116,24 @@ def _join(root: str, name: str) -> str:
 
 
 def plan_resume(files: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
-    """Drop files whose chips are all catalogued; for partly done files, list the HDUs to skip."""
-    if done.empty:
+    """Drop files whose chips are all settled (`done`: uri, hdu, n_in_file); for partly done files, list the HDUs to skip.
+
+    A file the manifest lists by HDU is done when each of those HDUs is; a file read whole when it has as many rows
+    as it holds chips (``n_in_file``). Vectorised: a million chips plan in seconds.
+    """
+    if done.empty or files.empty:
         return files.assign(skip_hdus=[[] for _ in range(len(files))])
-    by_uri = done.groupby("uri").agg(hdus=("hdu", lambda s: sorted(int(h) for h in s)), n=("n_in_file", "max"))
-    keep, skips = [], []
-    for _, row in files.iterrows():
-        if row["uri"] not in by_uri.index:
-            keep.append(True)
-            skips.append([])
-            continue
-        seen = set(by_uri.at[row["uri"], "hdus"])
-        wanted = set(row["hdus"]) if row["hdus"] else None
-        complete = wanted <= seen if wanted else len(seen) >= int(by_uri.at[row["uri"], "n"])
-        keep.append(not complete)
-        skips.append(sorted(seen))
-    return files.assign(skip_hdus=skips)[keep].reset_index(drop=True)
+    keys = done[["uri", "hdu"]].astype({"uri": str, "hdu": "int64"}).drop_duplicates()
+    per_uri = done.groupby("uri").agg(n=("n_in_file", "max")).join(keys.groupby("uri").size().rename("seen"))
+    listed = files["hdus"].map(len) > 0
+    wanted = files.loc[listed, ["uri", "hdus"]].explode("hdus").rename(columns={"hdus": "hdu"}).astype({"uri": str, "hdu": "int64"})
+    missing = wanted.merge(keys, on=["uri", "hdu"], how="left", indicator=True)
+    incomplete = set(missing.loc[missing["_merge"] == "left_only", "uri"])
+    whole = files.loc[~listed, ["uri"]].join(per_uri, on="uri")
+    incomplete |= set(whole.loc[~(whole["seen"] >= whole["n"]), "uri"])
+    kept = files[files["uri"].isin(incomplete)].reset_index(drop=True)
+    seen = keys[keys["uri"].isin(incomplete)].sort_values("hdu").groupby("uri")["hdu"].agg(list)
+    return kept.assign(skip_hdus=[list(map(int, seen.get(u, []))) for u in kept["uri"]])
 
 
 def write_table(df: pd.DataFrame, path: str, fmt: str, storage_options: dict | None = None) -> None:
@@ -183,7 +186,12 @@ def classify_archive(
         remove_run_outputs(fs, root, out, FORMATS.values())
     fs.makedirs(root, exist_ok=True)
     parts_root = _join(root, PARTS)
-    state = load_checkpoint(checkpoint, opts)
+    try:
+        state = load_checkpoint(checkpoint, opts)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.load's many ways to fail on a corrupt file
+        raise ValueError(f"{checkpoint} could not be loaded as a checkpoint: {type(exc).__name__}: {exc}") from exc
     norm = norm_from_checkpoint(state)
     ckpt_id = checkpoint_id(state)
     index = load_index(fs, parts_root)
@@ -208,12 +216,12 @@ def classify_archive(
             write_index_segment(fs, parts_root, index_of(table, name), f"{run_id}-lost.parquet")
             run_index = pd.concat([run_index, index_of(table, name).to_pandas()], ignore_index=True)
         new, lost = int((run_index["error_class"] == "").sum()), len(missing)
-        index = pd.concat([index, run_index], ignore_index=True)
+        index = compact(pd.concat([index, run_index], ignore_index=True))
     summary = consolidate(index, out, config.format, opts)
     wall = time.perf_counter() - start
     summary.update(
         new_chips=new, lost=lost, wall_s=round(wall, 2), chips_per_s=round(new / wall, 3) if wall > 0 else None, checkpoint=checkpoint,
-        checkpoint_id=ckpt_id, run=run_id,
+        checkpoint_id=ckpt_id, run=run_id, files_planned=len(files),
     )  # fmt: skip
     with fs.open(_join(root, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)

@@ -46,6 +46,8 @@ INDEX_TYPES = [pa.string(), pa.string(), pa.int64(), pa.string(), pa.int64(), pa
 ERROR_TABLE_COLUMNS = ["uri", "hdu", "obsid", "error_class", "error"]
 TRANSIENT = frozenset({"unreadable", "lost"})
 """Error classes a rerun retries: the URI could not be fetched, or the task holding the chip died on every retry."""
+WRITE_ROWS = 65_536
+"""Rows per Parquet row group (and CSV write) of the consolidated tables: the driver holds about this many at once."""
 RUN_FILES = ("summary.json",)
 """What a run writes besides `PARTS` and ``catalog.<ext>``/``errors.<ext>``: all that ``--overwrite`` may remove."""
 
@@ -170,8 +172,20 @@ def load_index(fs, parts_root: str) -> pd.DataFrame:
     if not tables:
         return pa.table({c: pa.array([], t) for c, t in zip(INDEX_COLUMNS, INDEX_TYPES, strict=True)}).to_pandas()
     table = pa.concat_tables(tables)
-    live = pc.is_in(table["part"], pa.array(parts, pa.string()))
-    return table.filter(live).to_pandas()
+    table = table.filter(pc.is_in(table["part"], pa.array(parts, pa.string())))
+    return compact(table)
+
+
+def compact(table: pa.Table | pd.DataFrame) -> pd.DataFrame:
+    """The index as pandas with few-valued strings (part, error class, checkpoint id) as categoricals: ~100 bytes a chip."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(
+            table[INDEX_COLUMNS].astype({c: str for c in ("part", "error_class", "checkpoint_id")}), preserve_index=False
+        )
+    for name in ("part", "error_class", "checkpoint_id"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pc.dictionary_encode(table[name]))
+    return table.to_pandas()
 
 
 def best_rows(index: pd.DataFrame) -> pd.DataFrame:
@@ -181,28 +195,39 @@ def best_rows(index: pd.DataFrame) -> pd.DataFrame:
     """
     if index.empty:
         return index
-    rank = np.where(index["error_class"] == "", 0, np.where(index["error_class"].isin(TRANSIENT), 2, 1))
-    ranked = index.assign(_rank=rank).sort_values(["uri", "hdu", "_rank", "part"], kind="stable")
-    best = ranked.drop_duplicates(["uri", "hdu"], keep="first")
-    settled = best[(best["_rank"] < 2) & (best["hdu"] >= 0)]
-    counts = settled.groupby("uri").agg(n=("hdu", "size"), want=("n_in_file", "max"))
-    complete = counts.index[counts["n"] >= counts["want"]]
-    stale = (best["hdu"] < 0) & (best["_rank"] == 2) & best["uri"].isin(complete)
-    return best[~stale].drop(columns="_rank").reset_index(drop=True)
+    error_class = index["error_class"].astype(str)
+    rank = np.where(error_class == "", 0, np.where(error_class.isin(TRANSIENT), 2, 1))
+    dup = index.duplicated(["uri", "hdu"], keep=False).to_numpy()
+    best = index
+    if dup.any():  # only keys with several rows are ranked (a retried failure): most runs have none
+        ranked = index[dup].assign(_rank=rank[dup], _part=index.loc[dup, "part"].astype(str))
+        ranked = ranked.sort_values(["uri", "hdu", "_rank", "_part"], kind="stable").drop(columns="_part")
+        winners = ranked.drop_duplicates(["uri", "hdu"], keep="first").drop(columns="_rank")
+        best = pd.concat([index[~dup], winners]).sort_index()
+        rank = np.where(best["error_class"].astype(str) == "", 0, np.where(best["error_class"].astype(str).isin(TRANSIENT), 2, 1))
+    orphan = (best["hdu"].to_numpy() < 0) & (rank == 2)
+    if orphan.any():  # a transient whole-file row goes once the file's chips are all accounted for
+        uris = set(best.loc[orphan, "uri"])
+        mine = best["uri"].isin(uris).to_numpy()
+        settled = best[mine & (rank < 2) & (best["hdu"].to_numpy() >= 0)]
+        counts = settled.groupby("uri").agg(n=("hdu", "size"), want=("n_in_file", "max"))
+        complete = set(counts.index[counts["n"] >= counts["want"]])
+        best = best[~(orphan & best["uri"].isin(complete).to_numpy())]
+    return best.reset_index(drop=True)
 
 
 def done_rows(best: pd.DataFrame) -> pd.DataFrame:
     """The (uri, hdu, n_in_file) a rerun skips: catalogued chips and deterministic errors, not transient ones."""
     if best.empty:
         return best
-    return best[~best["error_class"].isin(TRANSIENT)].reset_index(drop=True)
+    return best[~best["error_class"].astype(str).isin(TRANSIENT)].reset_index(drop=True)
 
 
 def check_checkpoint(index: pd.DataFrame, wanted: str, checkpoint: str, out: str) -> None:
     """Refuse to resume into parts classified with another checkpoint (or written before parts recorded one)."""
     if index.empty:
         return
-    others = sorted(set(index["checkpoint_id"]) - {wanted})
+    others = sorted(set(index["checkpoint_id"].astype(str)) - {wanted})
     if others:
         shown = ", ".join(o or "(none recorded)" for o in others[:3])
         raise ResumeRefusedError(
@@ -256,25 +281,31 @@ def catalog_columns(base: list[str], labelled: bool) -> list[str]:
 
 
 def _dataset(fs, parts_root: str, names: list[str], schema: pa.Schema) -> pads.Dataset:
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
     paths = [posixpath.join(parts_root, n) for n in names]
-    return pads.dataset(paths, schema=schema, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return pads.dataset(paths, schema=schema, format="parquet", filesystem=LocalFileSystem() if local else PyFileSystem(FSSpecHandler(fs)))
 
 
 def stream_rows(
-    fs, parts_root: str, index: pd.DataFrame, best: pd.DataFrame, schema: pa.Schema, columns: list[str], keep: pc.Expression
+    fs, parts_root: str, index: pd.DataFrame, best: pd.DataFrame, schema: pa.Schema, columns: list[str], keep_errors: bool
 ) -> Iterator[pa.RecordBatch]:
-    """The winning rows (`best_rows`) of every part, `columns` only, matching `keep`, a record batch at a time.
+    """The winning rows (`best_rows`) of the parts, `columns` only, catalogued rows or (`keep_errors`) error rows.
 
-    Parts whose rows all win (nearly all) go through pyarrow's scanner (reads ahead, keeps the parts' order); a part
-    with a row beaten by another part's (a transient failure retried later) is read on its own and filtered.
+    Only parts that hold such rows are read (the index says which). Parts whose rows all win (nearly all) go through
+    pyarrow's scanner (reads ahead, keeps the parts' order); a part with a row beaten by another part's (a transient
+    failure retried later) is read on its own and filtered.
     """
+    keep = pc.field("error_class") != "" if keep_errors else pc.field("error_class") == ""
     key = ["uri", "hdu", "part"]
-    merged = index[key].merge(best[key].assign(_win=True), on=key, how="left")
-    losers = merged[merged["_win"].isna()]
+    losers = index.iloc[:0][key]
+    if len(best) < len(index):
+        merged = index[key].astype({"part": str}).merge(best[key].astype({"part": str}).assign(_win=True), on=key, how="left")
+        losers = merged[merged["_win"].isna()]
     dirty = set(losers["part"])
-    clean = [n for n in sorted(set(index["part"])) if n not in dirty]
+    wanted = index["error_class"].astype(str) != "" if keep_errors else index["error_class"].astype(str) == ""
+    clean = [n for n in sorted(set(index.loc[wanted.to_numpy(), "part"].astype(str))) if n not in dirty]
     if clean:
         for batch in _dataset(fs, parts_root, clean, schema).to_batches(columns=columns, filter=keep, batch_size=65_536):
             if batch.num_rows:
@@ -331,26 +362,36 @@ def write_batches(
         table = pa.Table.from_batches(list(batches), schema=schema)
         write_table(table.to_pandas(), path, fmt, storage_options)
         return
+    import pyarrow.csv as pacsv
+
     fs, target = fsspec.core.url_to_fs(path, **(storage_options or {}))
     tmp = f"{target}.tmp"
     with fs.open(tmp, "wb") as fh:
-        if fmt == "parquet":
-            with pq.ParquetWriter(fh, schema) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
-        else:
-            import pyarrow.csv as pacsv
-
-            with pacsv.CSVWriter(fh, schema) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
+        writer = pq.ParquetWriter(fh, schema) if fmt == "parquet" else pacsv.CSVWriter(fh, schema)
+        with writer:
+            for chunk in _rebatched(batches, schema, WRITE_ROWS):
+                writer.write_table(chunk)
     fs.mv(tmp, target)
+
+
+def _rebatched(batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
+    """Parts' small batches regrouped into tables of about `rows` rows (Parquet row groups of a useful size)."""
+    held: list[pa.RecordBatch] = []
+    n = 0
+    for batch in batches:
+        held.append(batch)
+        n += batch.num_rows
+        if n >= rows:
+            yield pa.Table.from_batches(held, schema=schema)
+            held, n = [], 0
+    if held or n == 0:
+        yield pa.Table.from_batches(held, schema=schema)
 
 
 def _schema(fs, parts_root: str, index: pd.DataFrame, columns: list[str]) -> pa.Schema:
     """`columns` as the parts type them (strings, float64, int64), from the footers of as few parts as hold them all."""
     fields: dict[str, pa.Field] = {}
-    for name in sorted(set(index["part"])):
+    for name in sorted(set(index["part"].astype(str))):
         with fs.open(posixpath.join(parts_root, name), "rb") as fh:
             schema = pq.read_schema(fh)
         for column in columns:
@@ -375,13 +416,12 @@ def consolidate(
     columns = catalog_columns(base_columns, labelled)
     catalog_path, errors_path = f"{out.rstrip('/')}/catalog.{ext}", f"{out.rstrip('/')}/errors.{ext}"
     tally = _Tally()
-    good, bad = pc.field("error_class") == "", pc.field("error_class") != ""
     if len(index):
         schema = _schema(fs, parts_root, index, list(dict.fromkeys(columns + ERROR_TABLE_COLUMNS)))
         columns = [c for c in columns if c in schema.names]
-        rows = stream_rows(fs, parts_root, index, best, schema, columns, good)
+        rows = stream_rows(fs, parts_root, index, best, schema, columns, keep_errors=False)
         write_batches((tally.catalog(b) for b in rows), _select(schema, columns), catalog_path, fmt, storage_options, write_table)
-        rows = stream_rows(fs, parts_root, index, best, schema, ERROR_TABLE_COLUMNS, bad)
+        rows = stream_rows(fs, parts_root, index, best, schema, ERROR_TABLE_COLUMNS, keep_errors=True)
         write_batches((tally.errors(b) for b in rows), _select(schema, ERROR_TABLE_COLUMNS), errors_path, fmt, storage_options, write_table)
     else:
         write_table(pd.DataFrame(columns=columns), catalog_path, fmt, storage_options)
