@@ -238,7 +238,7 @@ class _ModelStage:
 
     def __init__(self, checkpoint: str, checkpoint_id: str, device: str, storage_options: dict | None, max_retries: int):
         self.checkpoint, self.checkpoint_id, self.max_retries = checkpoint, checkpoint_id, max_retries
-        self.classifier, self.init_error = None, ""
+        self.classifier, self.init_error, self.failed = None, "", ""
         try:
             self.classifier = ChipClassifier(checkpoint, device=device, storage_options=storage_options)
         except Exception as exc:  # noqa: BLE001 - reported with the first chip it would have classified
@@ -246,6 +246,8 @@ class _ModelStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])
+        if self.failed:  # the run is stopping: later batches go straight through, so the driver hears of it soon
+            return self._failure_rows(batch, self.failed)
         error, attempts = self.init_error, 0
         while self.classifier is not None and attempts <= self.max_retries:
             attempts += 1
@@ -259,10 +261,15 @@ class _ModelStage:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         where = f"{batch['uri'][0]} HDU {int(batch['hdu'][0])}"
-        message = (
+        self.failed = (
             f"the model stage failed on {where} (the first chip of a batch of {n}) with checkpoint {self.checkpoint} "
             f"({self.checkpoint_id}) after {max(attempts, 1)} attempt(s): {error}"
         )
+        return self._failure_rows(batch, self.failed)
+
+    def _failure_rows(self, batch: dict[str, np.ndarray], message: str) -> dict[str, np.ndarray]:
+        """The batch's rows with ``model_error`` set and no prediction: the driver stops the run on seeing one."""
+        n = len(batch["uri"])
         out = {k: batch[k] for k in META_FIELDS + LABEL_COLUMNS + ERROR_COLUMNS + ["n_in_file"] if k in batch}
         out.update(
             label=np.full(n, ""), p_galaxy=np.full(n, np.nan), p_nsc=np.full(n, np.nan), model=np.full(n, ""), checkpoint=np.full(n, ""),
