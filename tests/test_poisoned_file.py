@@ -96,13 +96,19 @@ def test_a_file_that_kills_its_worker_becomes_an_error_row_after_bounded_retries
     assert len(pd.read_parquet(tmp_path / "cat" / "errors.parquet")) == 0
 
 
-class _DiesOnHdu4(_ModelStage):
-    """The model stage's actor, except that its process dies on any batch holding HDU 4 of the poisoned file."""
+def _dies_on_hdu4() -> type:
+    """The model stage's actor, except that its process dies on any batch holding HDU 4 of the poisoned file.
 
-    def __call__(self, batch):
-        if any(str(u).endswith(POISONED) and int(h) == 4 for u, h in zip(batch["uri"], batch["hdu"], strict=True)):
-            os._exit(1)
-        return super().__call__(batch)
+    Made in a function so that Ray pickles the class by value: workers cannot import this test module.
+    """
+
+    class DiesOnHdu4(_ModelStage):
+        def __call__(self, batch):
+            if any(str(u).endswith(POISONED) and int(h) == 4 for u, h in zip(batch["uri"], batch["hdu"], strict=True)):
+                os._exit(1)
+            return super().__call__(batch)
+
+    return DiesOnHdu4
 
 
 @pytest.mark.timeout(300)
@@ -116,7 +122,7 @@ def test_a_chip_lost_in_the_model_stage_beside_a_written_one_gets_its_own_row(
     shutil.copy(first["URI"].iloc[0], poisoned)
     path = tmp_path / "manifest.csv"
     write_manifest(first.assign(URI=str(poisoned)), path)
-    monkeypatch.setattr(ray_hrc.classify, "_ModelStage", _DiesOnHdu4)
+    monkeypatch.setattr(ray_hrc.classify, "_ModelStage", _dies_on_hdu4())
     summary = classify_archive(
         [str(path)], random_checkpoint, str(tmp_path / "cat"), read=ReadConfig(max_retries=1), config=ClassifyConfig(batch_size=1, max_actors=1, max_retries=1)
     )  # fmt: skip
