@@ -123,8 +123,11 @@ def test_a_chip_lost_in_the_model_stage_beside_a_written_one_gets_its_own_row(
     path = tmp_path / "manifest.csv"
     write_manifest(first.assign(URI=str(poisoned)), path)
     monkeypatch.setattr(ray_hrc.classify, "_ModelStage", _dies_on_hdu4())
+    # Blocks of about one chip (Ray Data splits what its reads yield at this size), so the file's two chips reach the
+    # model stage in different tasks, as they do when Ray Data splits large blocks or a model batch straddles files.
+    monkeypatch.setattr(ray_session.data.DataContext.get_current(), "target_max_block_size", 2**20)
     summary = classify_archive(
-        [str(path)], random_checkpoint, str(tmp_path / "cat"), read=ReadConfig(max_retries=1), config=ClassifyConfig(batch_size=1, max_actors=1, max_retries=1)
+        [str(path)], random_checkpoint, str(tmp_path / "cat"), read=ReadConfig(max_retries=1), config=ClassifyConfig(batch_size=1, max_actors=1, max_retries=3)
     )  # fmt: skip
     catalog = pd.read_parquet(tmp_path / "cat" / "catalog.parquet")
     errors = pd.read_parquet(tmp_path / "cat" / "errors.parquet")
