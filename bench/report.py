@@ -28,6 +28,8 @@ REQUIRED_KEYS = [
     "gpu_train_chips_per_s",
     "serve_efficiency_c8",
     "serve_p99_s_c8",
+    "consolidate_1m_s",
+    "consolidate_1m_driver_rss_mib",
 ]
 OBJECT_STORE_TARGET_MIB = 16 + 1 / 1024
 """16 MiB of 16-bit pixels per chip, plus at most 1 KiB of the row's metadata columns."""
@@ -318,6 +320,50 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
         )
         if eff8 < 0.8:
             f.notes.append(f"Missed by {100 * (0.8 - eff8):.0f} percentage points.")
+    figs.append(f)
+    figs += consolidate_figures(r.get("consolidate", {}), _cmd(base, "consolidate", quick))
+    return figs
+
+
+def consolidate_figures(c: dict, reproduce: str) -> list[Figure]:
+    """Section 8 (bench/consolidate.py): resume planning + consolidation at 10k / 100k / 1M chips."""
+    sizes = c.get("sizes") or {}
+    if not sizes:
+        return [Figure("8", "Consolidate 1M chips (s)", "consolidate_1m_s", None, "s", reproduce=reproduce)]
+    largest = max(sizes, key=int)
+    new = sizes[largest]["new"]
+    total = new["resume_planning_s"] + new["consolidate_s"]
+    smallest = min(sizes, key=int)
+    first = sizes[smallest]["new"]
+    growth = total / (first["resume_planning_s"] + first["consolidate_s"]) / (int(largest) / int(smallest)) if largest != smallest else None
+    f = Figure(
+        "8", f"Resume planning + consolidation, {int(largest):,} chips (s)", "consolidate_1m_s", total, "s",
+        f"same at {int(smallest):,} chips x {int(largest) // int(smallest)}", (first["resume_planning_s"] + first["consolidate_s"]) * int(largest) / int(smallest),
+        growth, "of linear", "<= 1 (linear)", growth <= 1.0 if growth is not None else None, 1, reproduce,
+    )  # fmt: skip
+    f.notes.append(
+        "Per size (chips: resume planning s + consolidation s, driver peak RSS MiB): "
+        + "; ".join(
+            f"{int(n):,}: {v['new']['resume_planning_s']:.2f} + {v['new']['consolidate_s']:.2f} s, {v['new']['peak_rss_mib']:,.0f} MiB"
+            + (
+                f" (old path, one pandas pass: {v['legacy']['legacy_one_pass_s']:.2f} s, {v['legacy']['peak_rss_mib']:,.0f} MiB)"
+                if "legacy" in v
+                else ""
+            )
+            for n, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))
+        )
+        + f". Parts of {c.get('part_rows')} rows, index segments of 50,000; synthetic rows with every catalog column, 1% error rows."
+    )
+    figs = [f]
+    rss = new["peak_rss_mib"]
+    f = Figure(
+        "8", f"Driver peak RSS, {int(largest):,} chips (MiB)", "consolidate_1m_driver_rss_mib", rss, "MiB", "after imports (torch, Ray)",
+        new["rss_after_imports_mib"], rss - new["rss_after_imports_mib"], "MiB for the work", "< 2048 MiB", rss < 2048, 1, reproduce,
+    )  # fmt: skip
+    f.notes.append(
+        "ru_maxrss of a fresh process that imports ray_hrc.classify (as the classify driver does; torch alone is most of the "
+        "resident memory after imports), plans a resume of every file and writes catalog.parquet and errors.parquet."
+    )
     figs.append(f)
     return figs
 

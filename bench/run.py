@@ -13,6 +13,8 @@ leak into another's figures), all on one synthetic archive written once:
                ratio, object-store bytes per chip from Ray Data's stats (sections 4 and 6; bench/pipeline.py)
 5. train       one Ray Train worker fed by Ray Data vs a plain PyTorch loop (bench/train_overhead.py)
 6. serve       Ray Serve under `hey` at concurrency 1, 4, 8 vs the model's own chips/s (bench/serve_load.py)
+7. consolidate resume planning and catalog consolidation over 10k / 100k / 1M synthetic part rows (no pixels, no
+               Ray): wall time and the driver's peak RSS, each size in a fresh process (bench/consolidate.py)
 
 ``--quick`` runs every section on small inputs and narrow models (a smoke test for CI, seconds per section);
 its figures are not the benchmark's.
@@ -38,7 +40,7 @@ elif str(ROOT) not in sys.path:
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "serve")
+SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "serve", "consolidate")
 
 FULL = {
     "quick": False,
@@ -65,6 +67,7 @@ FULL = {
     "serve_batch": 8,
     "serve_levels": {1: 6, 4: 16, 8: 32},  # concurrency -> requests (2 chips each)
     "serve_repeats": 3,
+    "consolidate_sizes": [10_000, 100_000, 1_000_000],  # chips of synthetic part rows
     "section_timeout_s": 1200,
 }
 QUICK = {
@@ -91,6 +94,7 @@ QUICK = {
     "train_repeats": 1,
     "serve_levels": {1: 2, 4: 4, 8: 8},
     "serve_repeats": 1,
+    "consolidate_sizes": [10_000],
     "section_timeout_s": 300,
 }
 
@@ -160,6 +164,10 @@ def run_section(name: str, plan: dict) -> dict:
         return serve_load.measure(
             files["small"][0], checkpoint, levels=levels, batch_size=plan["serve_batch"], repeats=plan["serve_repeats"]
         )
+    if name == "consolidate":
+        from bench import consolidate
+
+        return consolidate.measure(workdir / "consolidate", tuple(plan["consolidate_sizes"]))
     raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
 
 

@@ -11,6 +11,18 @@ from ray_hrc.manifest import DEFAULT_TEMPLATE, TEMPLATES
 
 logger = logging.getLogger("ray_hrc")
 
+EXIT_RUN_FAILED = 1  # the run itself failed (the model stage raised after its retries, the cluster went away, a bug)
+EXIT_USAGE = 2  # bad arguments, config, inputs or checkpoint; or a refused resume / --overwrite
+EXIT_SOME_FAILED = 3  # classify finished, and some inputs are in the errors table
+CLASSIFY_EXIT_CODES = f"""exit codes:
+  0  every chip catalogued (the errors table is empty)
+  {EXIT_SOME_FAILED}  finished; some inputs are in the errors table (bad files are not retried by a rerun; unreadable
+     URIs and chips lost with their worker are)
+  {EXIT_RUN_FAILED}  the run failed (the model stage raised on every retry: the message names the checkpoint, the
+     exception and the first chip; or the cluster failed); parts written so far stay, a rerun resumes
+  {EXIT_USAGE}  bad arguments, config, input list or checkpoint; or --out holds another checkpoint's parts (use
+     --overwrite or another --out), or --overwrite found files a run does not write"""
+
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the files are")
@@ -186,6 +198,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
         f"{summary['chips']} chips catalogued ({summary['new_chips']} new, {summary['failed']} failed) by label {summary['by_label']}; "
         f"{summary['chips_per_s']} chips/s over {summary['wall_s']} s -> {summary['catalog']}"
     )
+    if summary["failed"]:
+        logger.warning(
+            "%d input(s) in %s (%d to retry by a rerun: unreadable or lost); exit code %d",
+            summary["failed"], summary["errors_table"], summary.get("to_retry", 0), EXIT_SOME_FAILED,
+        )  # fmt: skip
+        return EXIT_SOME_FAILED
     return 0
 
 
@@ -229,7 +247,12 @@ def _add_model_stage_args(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["auto", "fp32", "bf16"], default=None,
         help="model forward (default auto: bf16 on CPUs with AMX or AVX-512 BF16 and on bf16 GPUs, fp32 elsewhere)",
     )  # fmt: skip
-    g.add_argument("--overwrite", action="store_true", help="start over instead of resuming in --out")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over instead of resuming in --out: removes only what a run writes there (_parts/, catalog.*, errors.*, "
+        "summary.json) and refuses a folder holding anything else",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="URI template for rows without a URI column")
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("classify", help="classify an archive into a labelled catalog (resumable; same as jobs/classify.py)")
+    p = sub.add_parser(
+        "classify",
+        help="classify an archive into a labelled catalog (resumable; same as jobs/classify.py)",
+        epilog=CLASSIFY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
     p.add_argument(
         "--input", nargs="+", required=True, help="manifest CSV(s), FITS paths/URIs, folders, prefixes or globs (local or s3://)"
@@ -312,11 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs and `ray job logs`
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ray_hrc.parts import RunFailedError
+
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:  # ConfigError and ManifestError are ValueErrors
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError, ManifestError and ResumeRefusedError are ValueErrors
         logger.error("%s", exc)
-        return 2
+        return EXIT_USAGE
+    except RunFailedError as exc:
+        logger.error("%s", exc)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":

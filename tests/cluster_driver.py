@@ -72,7 +72,7 @@ def node_loss(manifest: str, checkpoint: str, out: str) -> dict:
     result: dict = {}
 
     def run():
-        config = ClassifyConfig(cpus_per_actor=1, max_actors=1, use_gpu=False)
+        config = ClassifyConfig(cpus_per_actor=1, max_actors=1, use_gpu=False, part_rows=2)  # parts appear as chips finish
         result["summary"] = classify_archive([manifest], checkpoint, out, read=ReadConfig(num_cpus=1), config=config)
 
     worker = threading.Thread(target=run)

@@ -58,6 +58,8 @@ def test_catalog_has_one_row_per_good_chip_and_a_rerun_adds_nothing(ray_session,
 
     again = classify_archive([str(manifest)], random_checkpoint, str(out))
     assert again["new_chips"] == 0 and again["chips"] == n_good and again["failed"] == 3
+    assert again["files_planned"] == 1  # the missing file (unreadable: transient) is retried; not FITS and truncated are not
+    assert again["failed_by_class"] == {"not_fits": 1, "truncated": 1, "unreadable": 1} and again["to_retry"] == 1
     pd.testing.assert_frame_equal(pd.read_parquet(out / "catalog.parquet"), catalog)
 
 
