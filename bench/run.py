@@ -12,6 +12,8 @@ leak into another's figures), all on one synthetic archive written once:
 4. pipeline    `ray-hrc classify` over N and k x N files: efficiency against the slowest stage alone, peak memory
                ratio, object-store bytes per chip from Ray Data's stats (sections 4 and 6; bench/pipeline.py)
 5. train       one Ray Train worker fed by Ray Data vs a plain PyTorch loop (bench/train_overhead.py)
+6. s3          the same files from a local S3 server (moto, loopback) and from disk: ms/chip, requests and bytes per
+               file of each remote read path, pipeline chips/s from S3 against from disk (bench/s3.py)
 
 ``--quick`` runs every section on small inputs and narrow models (a smoke test for CI, seconds per section);
 its figures are not the benchmark's.
@@ -37,7 +39,7 @@ elif str(ROOT) not in sys.path:
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train")
+SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "s3")
 
 FULL = {
     "quick": False,
@@ -60,6 +62,8 @@ FULL = {
     "train_steps": 6,
     "train_warmup": 1,
     "train_repeats": 3,
+    "s3_files": 4,  # files read one by one in each way (local, astropy + fsspec, whole, ranges)
+    "s3_repeats": 3,
     "section_timeout_s": 1200,
 }
 QUICK = {
@@ -84,6 +88,8 @@ QUICK = {
     "train_steps": 1,
     "train_warmup": 1,
     "train_repeats": 1,
+    "s3_files": 1,
+    "s3_repeats": 1,
     "section_timeout_s": 300,
 }
 
@@ -143,6 +149,13 @@ def run_section(name: str, plan: dict) -> dict:
             warmup=plan["train_warmup"],
             repeats=plan["train_repeats"],
         )
+    if name == "s3":
+        from bench import s3
+        from bench.common import random_checkpoint, warm_page_cache
+
+        warm_page_cache(files["small"])
+        checkpoint = random_checkpoint(workdir / "checkpoint_s3", plan["pipeline_width"])
+        return s3.measure(files["small"][: plan["s3_files"]], files["small"], workdir / "s3", checkpoint, plan["s3_repeats"])
     raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
 
 
