@@ -259,7 +259,11 @@ def s3_figures(s: dict, plan: dict, reproduce: str) -> list[Figure]:
             f"Read + crop + normalise, wall clock per chip over {s['files']} file(s) of {_fmt(s.get('file_mb'))} MB on the local S3 server "
             f"(moto, loopback): remote today (astropy + fsspec) {_fmt(ms.get('astropy_fsspec'))} ms, new path: one GET "
             f"{_fmt(ms.get('whole'))} ms, header + SCI ranges {_fmt(ms.get('ranges'))} ms; local file {_fmt(local)} ms. CPU time of "
-            "the reading process (ms/chip): " + ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("cpu_ms_per_chip") or {}).items()) + "."
+            "the reading process (ms/chip): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("cpu_ms_per_chip") or {}).items())
+            + "; of the S3 server's process, on the same cores: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("server_cpu_ms_per_chip") or {}).items() if k != "local")
+            + "."
         )
     figs = [f]
     per_file = s.get("s3_requests_per_file")
@@ -290,10 +294,15 @@ def s3_figures(s: dict, plan: dict, reproduce: str) -> list[Figure]:
     )  # fmt: skip
     if ratio is not None:
         stage = s.get("s3_vs_local_read_stage") or {}
+        rate = (s.get("paced_bytes_per_s") or 0) / 1e6
         f.notes.append(
-            f"Read stage alone (read + crop + normalise, materialised): from disk {_fmt(cps.get('read_local'))} chips/s; from S3 "
-            f"{_fmt(cps.get('read_s3_1cpu'))} chips/s with 1 CPU per read task ({_pct(stage.get('1cpu'))} of disk), "
-            f"{_fmt(cps.get('read_s3_half_cpu'))} chips/s with 0.5 CPU per task ({_pct(stage.get('half_cpu'))}). Per repeat (pipeline): "
+            f"Read stage alone (read + crop + normalise, materialised), chips/s: from disk {_fmt(cps.get('read_local'))}; from the S3 "
+            f"server {_fmt(cps.get('read_s3_1cpu'))} with 1 CPU per read task ({_pct(stage.get('1cpu'))} of disk) and "
+            f"{_fmt(cps.get('read_s3_half_cpu'))} with 0.5 ({_pct(stage.get('half_cpu'))}); through a proxy pacing each answer at "
+            f"{rate:.0f} MB/s per connection (a network that takes time without taking the readers' cores) "
+            f"{_fmt(cps.get('read_s3_paced_1cpu'))} with 1 CPU per task ({_pct(stage.get('paced_1cpu'))}) and "
+            f"{_fmt(cps.get('read_s3_paced_half_cpu'))} with 0.5 ({_pct(stage.get('paced_half_cpu'))}). Pipeline through the paced proxy: "
+            f"{_fmt(cps.get('pipeline_s3_paced'))} chips/s. Per repeat (pipeline from S3 / from disk): "
             + ", ".join(_pct(x) for x in s.get("s3_vs_local_pipeline_per_repeat", []))
             + ". The S3 server (moto, one Python process) shares this machine's cores with the pipeline."
         )

@@ -45,6 +45,9 @@ from bench.common import median
 logger = logging.getLogger(__name__)
 
 WAYS = ("local", "astropy_fsspec", "whole", "ranges")
+PACED_BYTES_PER_S = 100e6
+"""Per-connection transfer rate of the paced proxy: an assumed figure for one connection to a bucket in the same
+region, chosen for the emulation (not AWS's published figure, and not measured here)."""
 
 
 def _free_port() -> int:
@@ -80,6 +83,11 @@ class S3Server:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def upload(self, paths: list[str], bucket: str = "hst") -> list[str]:
         import boto3
@@ -123,13 +131,13 @@ def read_one(way: str, source: str, storage_options: dict | None) -> list:
     return read_fits(source, storage_options=storage_options, fetch=FetchConfig(mode=way))
 
 
-def timed_pass(way: str, sources: list[str], storage_options: dict | None) -> dict:
-    """Read + crop + normalise every chip of `sources` one way; wall and CPU seconds per chip."""
+def timed_pass(way: str, sources: list[str], storage_options: dict | None, server: S3Server) -> dict:
+    """Read + crop + normalise every chip of `sources` one way; wall, CPU and the server's CPU seconds per chip."""
     from ray_hrc.chips import Chip
     from ray_hrc.preprocess import NormConfig, preprocess_row
 
     cfg, chips, errors = NormConfig(), 0, []
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall0, cpu0, server0 = time.perf_counter(), time.process_time(), server.cpu_s()
     for source in sources:
         for record in read_one(way, source, storage_options):
             if isinstance(record, Chip):
@@ -137,10 +145,15 @@ def timed_pass(way: str, sources: list[str], storage_options: dict | None) -> di
                 chips += 1
             else:
                 errors.append(record.message)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    wall, cpu, server_cpu = time.perf_counter() - wall0, time.process_time() - cpu0, server.cpu_s() - server0
     if errors or not chips:
         raise RuntimeError(f"{way}: {len(errors)} error(s) reading {len(sources)} file(s): {errors[:3]}")
-    return {"chips": chips, "wall_ms_per_chip": 1e3 * wall / chips, "cpu_ms_per_chip": 1e3 * cpu / chips}
+    return {
+        "chips": chips,
+        "wall_ms_per_chip": 1e3 * wall / chips,
+        "cpu_ms_per_chip": 1e3 * cpu / chips,
+        "server_cpu_ms_per_chip": 1e3 * server_cpu / chips,
+    }
 
 
 def count_requests(way: str, uris: list[str], server: S3Server, sizes: list[int]) -> dict:
@@ -221,7 +234,7 @@ def measure(paths: list[str], pipeline_paths: list[str], workdir: Path, checkpoi
         passes: dict[str, list[dict]] = {w: [] for w in WAYS}
         for _ in range(repeats):
             for way in WAYS:
-                passes[way].append(timed_pass(way, sources[way], server.options))
+                passes[way].append(timed_pass(way, sources[way], server.options, server))
                 logger.info("s3 %s: %.1f ms/chip wall", way, passes[way][-1]["wall_ms_per_chip"])
         sizes = [os.path.getsize(p) for p in paths]
         requests = {w: count_requests(w, sources[w], server, sizes) for w in WAYS[1:]}
@@ -232,6 +245,7 @@ def measure(paths: list[str], pipeline_paths: list[str], workdir: Path, checkpoi
             "passes": passes,
             "ms_per_chip": {w: median([p["wall_ms_per_chip"] for p in passes[w]]) for w in WAYS},
             "cpu_ms_per_chip": {w: median([p["cpu_ms_per_chip"] for p in passes[w]]) for w in WAYS},
+            "server_cpu_ms_per_chip": {w: median([p["server_cpu_ms_per_chip"] for p in passes[w]]) for w in WAYS},
             "requests": requests,
             "sci_bytes_per_chip": sci_bytes_per_chip(paths),
         }
@@ -244,17 +258,24 @@ def measure(paths: list[str], pipeline_paths: list[str], workdir: Path, checkpoi
 
 def measure_pipeline(paths: list[str], uris: list[str], server: S3Server, checkpoint: str, workdir: Path, repeats: int) -> dict:
     from bench.common import start_ray
+    from bench.s3proxy import CountingProxy
 
     start_ray()
-    runs: dict[str, list[dict]] = {"pipeline_local": [], "pipeline_s3": [], "read_local": [], "read_s3_1cpu": [], "read_s3_half_cpu": []}
+    names = ["pipeline_local", "pipeline_s3", "pipeline_s3_paced", "read_local", "read_s3_1cpu", "read_s3_half_cpu", "read_s3_paced_1cpu", "read_s3_paced_half_cpu"]  # fmt: skip
+    runs: dict[str, list[dict]] = {k: [] for k in names}
     run_pipeline(paths[:1], checkpoint, workdir / "warmup", None)  # workers, model actors and imports warm
-    for _ in range(repeats):
-        runs["pipeline_local"].append(run_pipeline(paths, checkpoint, workdir / "local", None))
-        runs["pipeline_s3"].append(run_pipeline(uris, checkpoint, workdir / "s3", server.options))
-        runs["read_local"].append(run_read_stage(paths, checkpoint, None, 1.0))
-        runs["read_s3_1cpu"].append(run_read_stage(uris, checkpoint, server.options, 1.0))
-        runs["read_s3_half_cpu"].append(run_read_stage(uris, checkpoint, server.options, 0.5))
-        logger.info("s3 pipeline: %s", {k: round(v[-1]["chips_per_s"], 2) for k, v in runs.items()})
+    with CountingProxy(server.endpoint, rate_bytes_per_s=PACED_BYTES_PER_S) as paced:
+        slow = {**server.options, "client_kwargs": {**server.options["client_kwargs"], "endpoint_url": paced.endpoint}}
+        for _ in range(repeats):
+            runs["pipeline_local"].append(run_pipeline(paths, checkpoint, workdir / "local", None))
+            runs["pipeline_s3"].append(run_pipeline(uris, checkpoint, workdir / "s3", server.options))
+            runs["pipeline_s3_paced"].append(run_pipeline(uris, checkpoint, workdir / "s3", slow))
+            runs["read_local"].append(run_read_stage(paths, checkpoint, None, 1.0))
+            runs["read_s3_1cpu"].append(run_read_stage(uris, checkpoint, server.options, 1.0))
+            runs["read_s3_half_cpu"].append(run_read_stage(uris, checkpoint, server.options, 0.5))
+            runs["read_s3_paced_1cpu"].append(run_read_stage(uris, checkpoint, slow, 1.0))
+            runs["read_s3_paced_half_cpu"].append(run_read_stage(uris, checkpoint, slow, 0.5))
+            logger.info("s3 pipeline: %s", {k: round(v[-1]["chips_per_s"], 2) for k, v in runs.items()})
     for name in ("warmup", "local", "s3"):
         shutil.rmtree(workdir / name, ignore_errors=True)
     cps = {k: median([r["chips_per_s"] for r in v]) for k, v in runs.items()}

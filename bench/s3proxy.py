@@ -9,6 +9,9 @@ Faults, one per request whose path contains the given text:
 ``503`` answers 503 Slow Down; ``reset`` closes the connection without answering; ``cut`` sends the headers and
 half the body, then closes (an incomplete read); ``hang`` accepts the request and never answers (until the proxy
 stops), as a server that has stopped responding.
+
+With `rate_bytes_per_s`, every answer's body is sent at that rate (per connection, paced by sleeping, so the proxy
+itself costs little CPU): a network whose transfers take time without keeping the reader's cores busy.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -26,8 +30,9 @@ _SLOW_DOWN = (
 
 
 class CountingProxy:
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, rate_bytes_per_s: float | None = None):
         target = urlsplit(upstream)
+        self.rate = rate_bytes_per_s
         self.upstream = (target.hostname, target.port)
         self.requests: list[tuple[str, str, int, int]] = []
         self._faults: list[tuple[str, list[str]]] = []
@@ -116,7 +121,18 @@ class CountingProxy:
                     return
                 proxy._record(self.command, self.path, resp.status, len(payload) if self.command != "HEAD" else 0)
                 if self.command != "HEAD":
+                    self._send_paced(payload)
+
+            def _send_paced(self, payload: bytes) -> None:
+                if not proxy.rate:
                     self.wfile.write(payload)
+                    return
+                start, view = time.monotonic(), memoryview(payload)
+                for offset in range(0, len(payload), 1 << 20):
+                    self.wfile.write(view[offset : offset + (1 << 20)])
+                    ahead = start + (offset + len(view[offset : offset + (1 << 20)])) / proxy.rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
