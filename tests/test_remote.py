@@ -150,3 +150,15 @@ def test_truncated_remote_file_gives_the_same_records_as_local(s3_bucket, local_
     local = read_fits(str(cut))
     assert [(r.hdu, r.error_class) for r in remote] == [(c.hdu, c.error_class) for c in local]
     assert {r.error_class for r in remote} == {"truncated"}
+
+
+def test_chip_rows_takes_the_read_configs_fetch_options(bucket_files):
+    from ray_hrc.data import ReadConfig, chip_rows
+
+    uris, opts = bucket_files
+    config = ReadConfig(storage_options=opts, fetch={"max_object_bytes": 10 * 2880})
+    rows = chip_rows({"uri": uris["raw"], "hdus": [1, 4]}, config.storage_options, fetch=config.fetch)
+    assert [(r["hdu"], r["error_class"]) for r in rows] == [(1, "unreadable"), (4, "unreadable")]
+    assert "max_object_bytes=28800" in rows[0]["error"]
+    good = chip_rows({"uri": uris["raw"], "hdus": [1, 4]}, config.storage_options)
+    assert [(r["hdu"], r["error_class"]) for r in good] == [(1, ""), (4, "")]
