@@ -121,6 +121,12 @@ def filesystem(uri: str, storage_options: dict | None, config: FetchConfig) -> t
     return fs, cls._strip_protocol(uri)
 
 
+def _is_client_error(exc: BaseException) -> bool:
+    """An HTTP 4xx answer other than 408 (timeout) and 429 (slow down): asking again gets the same answer."""
+    status = getattr(exc, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
 def _with_retries(uri: str, what: str, call, config: FetchConfig, started: float) -> Any:
     """`call()` until it succeeds, a permanent error, `config.attempts` tries, or `config.deadline_s`."""
     last: BaseException | None = None
@@ -130,6 +136,8 @@ def _with_retries(uri: str, what: str, call, config: FetchConfig, started: float
         except _PERMANENT:
             raise
         except Exception as exc:  # noqa: BLE001 - backends raise their own types (botocore, aiohttp, OSError)
+            if _is_client_error(exc):
+                raise _Permanent(f"{uri} could not be fetched ({what}): {type(exc).__name__}: {exc}") from exc
             last = exc
         wait = config.backoff_s * 2 ** (attempt - 1) * (1 + 0.5 * random.random())
         if attempt == config.attempts or time.monotonic() - started + wait > config.deadline_s:

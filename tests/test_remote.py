@@ -162,3 +162,21 @@ def test_chip_rows_takes_the_read_configs_fetch_options(bucket_files):
     assert "max_object_bytes=28800" in rows[0]["error"]
     good = chip_rows({"uri": uris["raw"], "hdus": [1, 4]}, config.storage_options)
     assert [(r["hdu"], r["error_class"]) for r in good] == [(1, ""), (4, "")]
+
+
+def test_https_sources_take_the_same_path_and_4xx_is_not_retried(bucket_files, local_files, s3_server):
+    import boto3
+
+    uris, opts = bucket_files
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    bucket, key = uris["raw"][len("s3://") :].split("/", 1)
+    url = f"{endpoint}/{bucket}/{key}"
+    with CountingProxy(endpoint) as proxy:
+        proxied = f"{proxy.endpoint}/{bucket}/{key}"
+        (forbidden,) = read_remote(proxied, config=FAST_RETRY)  # moto refuses an unsigned GET of a private object
+        assert len(proxy.requests) == 1 and forbidden.error_class == "unreadable" and "403" in forbidden.message
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    client.put_object_acl(Bucket=bucket, Key=key, ACL="public-read")
+    _assert_same_chips(read_fits(url), read_fits(str(local_files["raw"])))
