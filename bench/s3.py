@@ -284,10 +284,8 @@ def measure_pipeline(paths: list[str], uris: list[str], server: S3Server, checkp
         "chips_per_s": cps,
         "pipeline_files": len(paths),
         "s3_vs_local_pipeline": cps["pipeline_s3"] / cps["pipeline_local"],
-        "s3_vs_local_read_stage": {
-            "1cpu": cps["read_s3_1cpu"] / cps["read_local"],
-            "half_cpu": cps["read_s3_half_cpu"] / cps["read_local"],
-        },
+        "paced_bytes_per_s": PACED_BYTES_PER_S,
+        "s3_vs_local_read_stage": {k[len("read_s3_") :]: cps[k] / cps["read_local"] for k in names if k.startswith("read_s3")},
         "s3_vs_local_pipeline_per_repeat": [
             s["chips_per_s"] / loc["chips_per_s"] for s, loc in zip(runs["pipeline_s3"], runs["pipeline_local"], strict=True)
         ],
