@@ -25,15 +25,22 @@ def local_files(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def bucket_files(s3_bucket, local_files):
-    bucket, opts = s3_bucket
-    fs = s3fs.S3FileSystem(**opts)
+@pytest.fixture(scope="module")
+def bucket_files(s3_server, local_files):
+    """The local files in a bucket of their own, uploaded once for the module: ({kind: URI}, storage options)."""
+    import boto3
+
+    endpoint = s3_server["client_kwargs"]["endpoint_url"]
+    boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket="remote-tests")
+    fs = s3fs.S3FileSystem(**s3_server)
     uris = {}
     for kind, path in local_files.items():
-        uris[kind] = f"{bucket}/{path.name}"
+        uris[kind] = f"s3://remote-tests/{path.name}"
         fs.put_file(str(path), uris[kind])
-    return uris, opts
+    yield uris, s3_server
+    fs.rm("remote-tests", recursive=True)
 
 
 def _proxied(opts: dict, proxy: CountingProxy) -> dict:
