@@ -19,9 +19,12 @@ Memory per read: at most ``max_object_bytes`` (default 256 MiB; a raw file is ab
 about 170 MB) of fetched bytes, plus the chips cropped from them (16 MiB each for raw files).
 
 Transient failures (timeouts, dropped connections, 5xx answers) are retried ``attempts`` times in all, with
-exponential back-off and jitter, within ``deadline_s``; the filesystem's own retries are turned off where this
-module builds it, so that the bound is this one. Connect and read timeouts make a server that never answers an
-``unreadable`` error row, not a hung task. A missing object or a refused credential is not retried.
+exponential back-off and jitter, and no new try after ``deadline_s``; the filesystem's own retries are turned off
+where this module builds it, so that the bound is this one. Connect and read timeouts make a server that never
+answers an ``unreadable`` error row, not a hung task: after at most ``attempts`` x (``connect_timeout_s`` +
+``read_timeout_s``) plus the back-offs (about 100 s by default). A missing object, a refused credential or another
+4xx answer is not retried. (An HTTP server that ignores the Range header sends the whole object: the cap is then
+checked after the fact; S3 honours it.)
 
 No Ray here: `read_remote` is what `read_fits` calls for a remote URI, in any process.
 """
@@ -158,7 +161,7 @@ def _fetch_whole(fs, path: str, uri: str, config: FetchConfig, started: float) -
     if len(data) > config.max_object_bytes:
         raise _Permanent(
             f"{uri} is larger than max_object_bytes={config.max_object_bytes} ({config.max_object_bytes / MIB:.0f} MiB); "
-            "expected a Hubble raw or calibrated file (about 35 MB raw); raise remote.max_object_bytes to read it"
+            "expected a Hubble raw or calibrated file (about 35 MB raw); raise read.fetch.max_object_bytes to read it"
         )
     return data
 
