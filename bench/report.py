@@ -164,6 +164,10 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
         "fp32 NCHW step on the same GPU", g.get("gpu_train_eager_chips_per_s"), g.get("gpu_train_speedup"), "speedup", "-",
         None, g.get("gpu_repeats"), f.reproduce,
     )  # fmt: skip
+    for batch, m in (g.get("gpu_train_memory_by_batch") or {}).items():
+        f.notes.append(
+            f"Training step, bf16 + channels_last, batch {batch} per GPU: peak {_fmt(m['peak_gib'])} GiB, {_fmt(m['chips_per_s'])} chips/s."
+        )
     figs.append(f)
 
     q = r.get("pipeline", {})

@@ -59,6 +59,8 @@ class ChipMeta:
 
 
 META_FIELDS = [f.name for f in fields(ChipMeta)]
+LABEL_COLUMNS = ["body", "label_true"]  # a chip row's labels, from a manifest (empty when unknown)
+ERROR_COLUMNS = ["error_class", "error"]  # a chip row's failure (empty for good chips)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from ray_hrc.checkpoint import load_checkpoint, norm_from_checkpoint
 from ray_hrc.data import ReadConfig, read_chips
 from ray_hrc.manifest import resolve_sources
 from ray_hrc.predict import CATALOG_COLUMNS, ChipClassifier
+from ray_hrc.storage import OutputConfig, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ class ClassifyConfig:
 class ClassifyJobConfig:
     """A classification config file: what each stage asks of the cluster (configs/classify_cluster.yaml)."""
 
-    read: ReadConfig = field(default_factory=ReadConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)  # the sources (input side)
     model_stage: ClassifyConfig = field(default_factory=ClassifyConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)  # --out and the checkpoint (output side)
 
 
 def load_classify_config(path: str | None) -> ClassifyJobConfig:
@@ -140,7 +142,14 @@ def _use_gpu(cfg: ClassifyConfig) -> bool:
         return cfg.use_gpu
     if cfg.device == "cpu":
         return False
-    return ray.cluster_resources().get("GPU", 0) > 0
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True
+    logger.warning(
+        "model_stage.use_gpu is auto (null; --gpu auto) and the cluster shows no GPU now, so the model runs on CPU actors, "
+        "far slower per chip. GPU nodes that scale from zero are not visible until something asks for them: set "
+        "model_stage.use_gpu: true (--gpu yes) to ask for them, or false (--gpu no) for CPU on purpose"
+    )
+    return False
 
 
 def classify_archive(
@@ -151,11 +160,16 @@ def classify_archive(
     read: ReadConfig = ReadConfig(),
     config: ClassifyConfig = ClassifyConfig(),
     overwrite: bool = False,
+    output: OutputConfig = OutputConfig(),
 ) -> dict[str, Any]:
-    """Classify every chip of `sources` with `checkpoint` into ``out``; return the run summary (also ``summary.json``)."""
+    """Classify every chip of `sources` with `checkpoint` into ``out``; return the run summary (also ``summary.json``).
+
+    `read` reaches the sources; `output` reaches ``out`` and the checkpoint (`ray_hrc.storage`: input apart from output).
+    """
     start = time.perf_counter()
-    opts = read.storage_options or None
-    fs, root = fsspec.core.url_to_fs(out, **(opts or {}))
+    opts = output.storage_options or None  # the output side: out, its parts and catalogs, and the checkpoint
+    store = Storage.at(out, opts)
+    fs, root = store.fs, store.root
     if overwrite and fs.exists(root):
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
@@ -226,10 +240,7 @@ def _record_lost_files(files: pd.DataFrame, fs, parts_root: str, attempts: int) 
 
 def _arrow_fs(uri: str, storage_options: dict | None):
     """A pyarrow filesystem for `uri` built from the same fsspec options (endpoint, credentials)."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, _ = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return PyFileSystem(FSSpecHandler(fs))
+    return Storage.at(uri, storage_options).pyarrow()
 
 
 def consolidate(rows: pd.DataFrame, out: str, fmt: str, storage_options: dict | None = None) -> dict[str, Any]:

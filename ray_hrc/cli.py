@@ -20,20 +20,41 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         help=f"URI template for manifest rows without a URI column: a name ({', '.join(TEMPLATES)}), a template with "
         "{obsid}/{obsid[:4]}/{id}, or a local folder holding <obsid>_raw.fits (default: MAST's public bucket)",
     )
-    g.add_argument("--anon", action="store_true", help="anonymous S3 reads (MAST's public bucket s3://stpubdata allows them)")
-    g.add_argument("--s3-endpoint", default=None, help="S3-protocol endpoint URL (MinIO, a local test server, ...)")
+    _add_input_storage_args(g)
     g.add_argument("--num-cpus", type=float, default=None, help="CPUs per read task (default 1)")
     g.add_argument("--concurrency", type=int, default=None, help="at most this many read tasks at once (default: Ray Data decides)")
     g.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
+def _add_input_storage_args(g) -> None:
+    g.add_argument(
+        "--anon",
+        action="store_true",
+        help="anonymous S3 reads of the sources (MAST's public bucket s3://stpubdata allows them); never for --out",
+    )
+    g.add_argument("--s3-endpoint", default=None, help="S3-protocol endpoint URL of the sources (MinIO, a local test server, ...)")
+
+
+def _add_output_storage_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the results go")
+    g.add_argument(
+        "--out-s3-endpoint", default=None, help="S3-protocol endpoint URL of --out and the checkpoint (default: AWS, or the config's)"
+    )
+
+
 def storage_options_from_args(args: argparse.Namespace) -> dict:
-    opts: dict = {}
-    if getattr(args, "anon", False):
-        opts["anon"] = True
-    if getattr(args, "s3_endpoint", None):
-        opts["client_kwargs"] = {"endpoint_url": args.s3_endpoint}
-    return opts
+    """Input-side (sources) fsspec options from --anon and --s3-endpoint."""
+    from ray_hrc.storage import s3_options
+
+    return s3_options(getattr(args, "anon", False), getattr(args, "s3_endpoint", None))
+
+
+def output_config_from_args(args: argparse.Namespace, base=None):
+    """The output side's config: `base` (from a config file) or the defaults, with --out-s3-endpoint on top."""
+    from ray_hrc.storage import OutputConfig, merge_options, s3_options
+
+    base = base or OutputConfig()
+    return OutputConfig(storage_options=merge_options(base.storage_options, s3_options(endpoint=getattr(args, "out_s3_endpoint", None))))
 
 
 def read_config_from_args(args: argparse.Namespace, base=None):
@@ -41,9 +62,10 @@ def read_config_from_args(args: argparse.Namespace, base=None):
     from dataclasses import replace
 
     from ray_hrc.data import ReadConfig
+    from ray_hrc.storage import merge_options
 
     cfg = base or ReadConfig()
-    changes = {"storage_options": {**(cfg.storage_options or {}), **storage_options_from_args(args)}}
+    changes = {"storage_options": merge_options(cfg.storage_options, storage_options_from_args(args))}
     if args.template != DEFAULT_TEMPLATE or base is None:
         changes["template"] = TEMPLATES.get(args.template, args.template)
     if args.num_cpus is not None:
@@ -66,7 +88,7 @@ def cmd_crop(args: argparse.Namespace) -> int:
     from ray_hrc.runtime import init_ray
 
     init_ray(args.address)
-    summary = crop_archive(args.sources, args.out, read_config_from_args(args))
+    summary = crop_archive(args.sources, args.out, read_config_from_args(args), output_config_from_args(args))
     print(json.dumps(summary, indent=2))
     return 0 if summary["chips"] or not summary["errors"] else 1
 
@@ -88,12 +110,11 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config_from_args(args: argparse.Namespace):
+    """The training job's config: --config with the flags and --set overrides on top."""
     import os
 
     from ray_hrc.config import load_config
-    from ray_hrc.runtime import init_ray
-    from ray_hrc.train import run_training
 
     overrides = list(args.set or [])
     if args.manifest:
@@ -106,7 +127,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = args.out.rstrip("/")
         parent, name = out.rsplit("/", 1) if "/" in out else (".", out)
         overrides += [f"run.storage_path={parent if '://' in out else os.path.abspath(parent)}", f"run.name={name}"]
-    cfg = load_config(args.config, overrides)
+    if args.anon:  # the sources only; the run folder keeps run.storage_options
+        overrides.append("data.read.storage_options.anon=true")
+    if args.s3_endpoint:
+        overrides.append(f"data.read.storage_options.client_kwargs.endpoint_url={args.s3_endpoint}")
+    if args.out_s3_endpoint:
+        overrides.append(f"run.storage_options.client_kwargs.endpoint_url={args.out_s3_endpoint}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ray_hrc.runtime import init_ray
+    from ray_hrc.train import run_training
+
+    cfg = train_config_from_args(args)
     init_ray(args.address)
     outcome = run_training(cfg, resume=args.resume)
     m = outcome.best_metrics
@@ -120,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _classify_configs(args: argparse.Namespace):
-    """(ReadConfig, ClassifyConfig) from --config (if any) with the flags given on top."""
+    """(ReadConfig, ClassifyConfig, OutputConfig) from --config (if any) with the flags given on top."""
     from dataclasses import replace
 
     from ray_hrc.classify import load_classify_config
@@ -132,7 +166,8 @@ def _classify_configs(args: argparse.Namespace):
             changes[key] = getattr(args, flag)
     if args.gpu is not None:
         changes["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
-    return read_config_from_args(args, job.read if args.config else None), replace(job.model_stage, **changes)
+    read = read_config_from_args(args, job.read if args.config else None)
+    return read, replace(job.model_stage, **changes), output_config_from_args(args, job.output)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -140,8 +175,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from ray_hrc.runtime import init_ray
 
     init_ray(args.address)
-    read, model_stage = _classify_configs(args)
-    summary = classify_archive(args.input, args.checkpoint, args.out, read=read, config=model_stage, overwrite=args.overwrite)
+    read, model_stage, output = _classify_configs(args)
+    summary = classify_archive(
+        args.input, args.checkpoint, args.out, read=read, config=model_stage, overwrite=args.overwrite, output=output
+    )
     print(json.dumps(summary, indent=2))
     print(
         f"{summary['chips']} chips catalogued ({summary['new_chips']} new, {summary['failed']} failed) by label {summary['by_label']}; "
@@ -155,8 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_hrc.runtime import init_ray
 
     init_ray(args.address)
-    read, model_stage = _classify_configs(args)
-    kwargs = dict(read=read, config=model_stage, blurry=args.blurry)
+    read, model_stage, output = _classify_configs(args)
+    kwargs = dict(read=read, config=model_stage, blurry=args.blurry, output=output)
     if args.catalog and len(args.checkpoint) > 1:
         raise SystemExit("--catalog scores one checkpoint's catalog; give a single --checkpoint")
     if len(args.checkpoint) == 1:
@@ -205,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="manifest CSV(s), FITS paths/URIs, folders, prefixes or globs (local or s3://)")
     p.add_argument("--out", required=True, help="output folder (local or s3://)")
     _add_source_args(p)
+    _add_output_storage_args(p)
     p.set_defaults(func=cmd_crop)
 
     p = sub.add_parser("split", help="split a manifest by celestial body into train.csv and test.csv")
@@ -223,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (local or s3://): catalog.<fmt>, errors.<fmt>, summary.json")
     p.add_argument("--format", choices=["parquet", "csv", "fits", "votable"], default=None, help="catalog format (default parquet)")
     _add_source_args(p)
+    _add_output_storage_args(p)
     _add_model_stage_args(p)
     p.set_defaults(func=cmd_classify)
 
@@ -233,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--catalog", default=None, help="score this checkpoint's existing catalog (from classify) instead of classifying again")
     _add_source_args(p)
+    _add_output_storage_args(p)
     _add_model_stage_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -258,6 +298,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (at the next epoch)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_input_storage_args(p.add_argument_group("where the files are (data.read.storage_options)"))
+    _add_output_storage_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,9 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class RunConfig:
     storage_path: str = "runs"  # local folder or s3:// URI; the run lives in <storage_path>/<name>
+    storage_options: dict = field(
+        default_factory=dict
+    )  # fsspec options for the run folder (output side; data.read.storage_options are the sources')
     name: str = "train"
     max_failures: int = 2  # worker failures survived (resuming from the last checkpoint) before the run fails
     num_to_keep: int = 2  # checkpoints kept, best by test accuracy

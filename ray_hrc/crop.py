@@ -20,6 +20,7 @@ from astropy.io import fits
 
 from ray_hrc.chips import META_FIELDS
 from ray_hrc.data import ERROR_COLUMNS, LABEL_COLUMNS, ReadConfig, read_chips, summarize
+from ray_hrc.storage import OutputConfig, open_uri
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +82,19 @@ def write_chip(row: dict[str, Any], out_dir: str, storage_options: dict | None =
     return {**meta, "path": path}
 
 
-def crop_archive(sources: list[str], out_dir: str, config: ReadConfig = ReadConfig()) -> dict[str, Any]:
-    """Crop every chip of `sources` into `out_dir`; write ``index.csv`` and ``errors.csv``; return the run summary."""
+def crop_archive(
+    sources: list[str], out_dir: str, config: ReadConfig = ReadConfig(), output: OutputConfig = OutputConfig()
+) -> dict[str, Any]:
+    """Crop every chip of `sources` into `out_dir`; write ``index.csv`` and ``errors.csv``; return the run summary.
+
+    `config` reads the sources (input side); `output` writes `out_dir` (output side).
+    """
     start = time.perf_counter()
     if "://" not in out_dir:
         os.makedirs(out_dir, exist_ok=True)
     ds = read_chips(sources, config).map(
         write_chip,
-        fn_kwargs={"out_dir": out_dir, "storage_options": config.storage_options or None},
+        fn_kwargs={"out_dir": out_dir, "storage_options": output.storage_options or None},
         num_cpus=config.num_cpus,
         max_retries=config.max_retries,
     )
@@ -98,13 +104,13 @@ def crop_archive(sources: list[str], out_dir: str, config: ReadConfig = ReadConf
     bad = rows[rows["error_class"] != ""].sort_values(["uri", "hdu"])
     index_cols = ["path"] + META_FIELDS + LABEL_COLUMNS
     error_cols = ["uri", "hdu", "error_class", "error"]
-    _write_csv(good[index_cols] if len(good) else pd.DataFrame(columns=index_cols), f"{out_dir.rstrip('/')}/index.csv", config)
-    _write_csv(bad[error_cols] if len(bad) else pd.DataFrame(columns=error_cols), f"{out_dir.rstrip('/')}/errors.csv", config)
+    _write_csv(good[index_cols] if len(good) else pd.DataFrame(columns=index_cols), f"{out_dir.rstrip('/')}/index.csv", output)
+    _write_csv(bad[error_cols] if len(bad) else pd.DataFrame(columns=error_cols), f"{out_dir.rstrip('/')}/errors.csv", output)
     summary["wall_s"] = round(time.perf_counter() - start, 2)
     summary["out"] = out_dir
     return summary
 
 
-def _write_csv(df: pd.DataFrame, path: str, config: ReadConfig) -> None:
-    with fsspec.open(path, "w", **(config.storage_options or {})) as fh:
+def _write_csv(df: pd.DataFrame, path: str, output: OutputConfig) -> None:
+    with open_uri(path, "w", output.storage_options) as fh:
         df.to_csv(fh, index=False)

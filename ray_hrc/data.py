@@ -19,15 +19,13 @@ import pandas as pd
 import ray
 from ray.data.expressions import col
 
-from ray_hrc.chips import META_FIELDS, Chip, ChipMeta, read_fits
+from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS, Chip, ChipMeta, read_fits
 from ray_hrc.manifest import DEFAULT_TEMPLATE, SourceOptions, resolve_sources
 from ray_hrc.preprocess import NormConfig, preprocess_row
 from ray_hrc.remote import FetchConfig
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ["body", "label_true"]
-ERROR_COLUMNS = ["error_class", "error"]
 PIXEL_COLUMNS = ["pixels", "amp_bias"]
 ROW_COLUMNS = META_FIELDS + LABEL_COLUMNS + ERROR_COLUMNS + ["n_in_file", "read_ms"] + PIXEL_COLUMNS
 _NO_PIXELS = np.zeros((0, 0), np.uint16)
@@ -38,7 +36,9 @@ class ReadConfig:
     """How the read stage runs: where sources are and what each read task asks of the cluster."""
 
     template: str = DEFAULT_TEMPLATE  # manifest rows -> URIs; a local folder means <folder>/{obsid}_raw.fits
-    storage_options: dict = field(default_factory=dict)  # fsspec options, e.g. {"anon": True} for s3://stpubdata
+    storage_options: dict = field(
+        default_factory=dict
+    )  # fsspec options for the sources only (input side), e.g. {"anon": True} for s3://stpubdata
     num_cpus: float = 1.0  # CPUs per read task (one file per task)
     concurrency: int | None = None  # at most this many read tasks at once; None lets Ray Data decide
     max_retries: int = 3  # retries of a read task lost to a node or worker failure (bad files become error rows, not retries)
@@ -126,7 +126,7 @@ def read_chips(
         fn_kwargs={"storage_options": config.storage_options or None, "norm": norm, "fetch": config.fetch or None},
         num_cpus=config.num_cpus,
         concurrency=config.concurrency,
-        ray_remote_args_fn=lambda: {"max_retries": config.max_retries},
+        max_retries=config.max_retries,  # a static remote arg: Ray 2.60 has no named parameter for it
     )
 
 

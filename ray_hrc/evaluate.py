@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 
@@ -20,6 +19,7 @@ from ray_hrc.checkpoint import CLASS_NAMES
 from ray_hrc.classify import FORMATS, ClassifyConfig, classify_archive
 from ray_hrc.data import ReadConfig
 from ray_hrc.manifest import read_manifest
+from ray_hrc.storage import OutputConfig, open_uri
 from ray_hrc.train import classification_metrics, confusion_matrix
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def evaluate_checkpoint(
     blurry: str | None = None,
     overwrite: bool = False,
     catalog: str | None = None,
+    output: OutputConfig = OutputConfig(),
 ) -> dict[str, Any]:
     """Classify a labelled manifest and write ``metrics.json``, ``metrics.md``, ``confusion.png`` and ``misclassified.png``.
 
@@ -96,17 +97,19 @@ def evaluate_checkpoint(
 
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(checkpoint, read.storage_options or None)
+    state = load_checkpoint(checkpoint, output.storage_options or None)  # checkpoints live on the output side
     resize = (state.get("preprocess") or {}).get("resize")
     dataset = "LCID-Resize" if resize else "LCID"
     name = state["model_name"]
     if catalog is None:
-        summary = classify_archive([manifest], checkpoint, str(out_path / "catalog"), read=read, config=config, overwrite=overwrite)
-        table = _read_any(summary["catalog"], config.format)
+        summary = classify_archive(
+            [manifest], checkpoint, str(out_path / "catalog"), read=read, config=config, overwrite=overwrite, output=output
+        )
+        table = _read_any(summary["catalog"], config.format, output.storage_options)
         failed = summary["failed"]
     else:
         keys = chip_keys(manifest, read)
-        table = chips_of(_read_any(catalog, _format_of(catalog)), keys)
+        table = chips_of(_read_any(catalog, _format_of(catalog), output.storage_options), keys)
         wanted = len(keys)
         if len(table) < wanted:
             raise ValueError(
@@ -158,16 +161,16 @@ def _format_of(path: str) -> str:
     return by_ext[ext]
 
 
-def _read_any(path: str, fmt: str) -> pd.DataFrame:
-    if fmt == "parquet":
-        with fsspec.open(path, "rb") as fh:
+def _read_any(path: str, fmt: str, storage_options: dict | None = None) -> pd.DataFrame:
+    """A catalog written by `classify_archive` (output side: `storage_options` are the output's)."""
+    with open_uri(path, "rb", storage_options) as fh:
+        if fmt == "parquet":
             return pd.read_parquet(fh)
-    if fmt == "csv":
-        with fsspec.open(path) as fh:
+        if fmt == "csv":
             return pd.read_csv(fh, keep_default_na=False)
-    from astropy.table import Table
+        from astropy.table import Table
 
-    return Table.read(path, format="fits" if fmt == "fits" else "votable").to_pandas()
+        return Table.read(fh, format="fits" if fmt == "fits" else "votable").to_pandas()
 
 
 def compare(checkpoints: list[str], manifest: str, out: str, **kwargs: Any) -> str:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, model_from_checkpoint, norm_from_checkpoint
-from ray_hrc.chips import META_FIELDS
-from ray_hrc.data import ERROR_COLUMNS, LABEL_COLUMNS
+from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS  # not ray_hrc.data: the core imports no Ray
 from ray_hrc.models import prepare_for_inference
 
 logger = logging.getLogger(__name__)

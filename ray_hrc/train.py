@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import ray
@@ -32,9 +31,10 @@ from torch import nn
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, save_checkpoint
 from ray_hrc.config import AugmentConfig, ConfigError, JobConfig, TrainConfig, config_from_dict
 from ray_hrc.data import good_chips, read_chips
-from ray_hrc.manifest import read_manifest, split_manifest, write_manifest
+from ray_hrc.manifest import SourceOptions, read_manifest, resolve_sources, split_manifest, write_manifest
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig, normalise
+from ray_hrc.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +120,10 @@ def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor], autocas
     """
     with autocast():
         torch.optim.swa_utils.update_bn(inputs, module)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
-        flat = torch.cat([t.reshape(-1).float() for t in stats])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+    stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
+    if stats and _world_size() > 1:
+        device = stats[0].device  # the module's device: NCCL (GPU workers) takes no CPU tensors
+        flat = all_reduce_tensor(torch.cat([t.reshape(-1).float() for t in stats]), device) / _world_size()
         for t, value in zip(stats, torch.split(flat, [t.numel() for t in stats]), strict=True):
             t.copy_(value.view_as(t))
 
@@ -180,21 +179,41 @@ def _owner(uri: str, hdu: int, world: int) -> int:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNG states as tensors and plain types (a checkpoint is loaded with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached], "python": random.getstate()}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def _all_reduce(values: np.ndarray) -> np.ndarray:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-        dist.all_reduce(t)
-        return t.numpy()
-    return values
+# --- collectives: the only calls into torch.distributed. Every tensor goes to the training device first: Ray Train
+# starts NCCL for GPU workers, and NCCL takes no CPU tensors (gloo, for CPU workers, takes both).
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_tensor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all workers, as a tensor on `device` (the model's); `tensor` itself if alone."""
+    if _world_size() == 1:
+        return tensor
+    summed = tensor.to(device, copy=True)  # never reduce the caller's tensor in place
+    dist.all_reduce(summed)
+    return summed
+
+
+def all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """The element-wise sum of `values` over all workers (float64), reduced on `device` (the model's) and returned on the host."""
+    values = np.asarray(values, dtype=np.float64)
+    if _world_size() == 1:
+        return values
+    return all_reduce_tensor(torch.from_numpy(np.ascontiguousarray(values)), device).cpu().numpy()
 
 
 def evaluate(model: nn.Module, dataset, cfg: JobConfig, device: torch.device, autocast, rank: int, world: int) -> dict[str, Any]:
@@ -213,7 +232,7 @@ def evaluate(model: nn.Module, dataset, cfg: JobConfig, device: torch.device, au
         logits = eval_step(module, x, autocast).cpu()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         confusion += confusion_matrix(y.numpy(), logits.argmax(1).numpy())
-    totals = _all_reduce(np.concatenate([confusion.ravel(), [loss_sum]]))
+    totals = all_reduce(np.concatenate([confusion.ravel(), [loss_sum]]), device)
     confusion = totals[:4].reshape(2, 2).astype(np.int64)
     n = max(1, int(confusion.sum()))
     return {
@@ -291,7 +310,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if bn_batches:
             recalibrate_batchnorm(module, list(bn_inputs), autocast)
         bn_inputs.clear()
-        sums = _all_reduce(np.array([loss_sum, n_chips, train_s]))
+        sums = all_reduce(np.array([loss_sum, n_chips, train_s]), device)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(sums[0] / max(1, sums[1])),
@@ -358,7 +377,8 @@ def _uri(checkpoint: ray.train.Checkpoint, storage_path: str) -> str:
 
 def prepare_manifests(cfg: JobConfig, run_dir: str) -> tuple[str, str]:
     """Train and test manifests for the run, written into the run folder (synthesizing an archive if none is given)."""
-    fs, root = fsspec.core.url_to_fs(run_dir, **(cfg.data.read.storage_options or {}))
+    store = Storage.at(run_dir, cfg.run.storage_options)  # the output side: the run folder
+    fs, root = store.fs, store.root
     fs.makedirs(root, exist_ok=True)
     manifest = cfg.data.manifest
     if manifest is None:
@@ -388,17 +408,30 @@ def prepare_manifests(cfg: JobConfig, run_dir: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+def _ray_started_here() -> bool:
+    """Whether this process started Ray itself (`init_ray` without an address): a plain local Ray, to which no
+    autoscaler and no `ray start --address` adds nodes. Joining a cluster (``RAY_ADDRESS``, ``ray job submit``) is not."""
+    node = ray._private.worker._global_node  # Ray sets head=True only on the node that ray.init() started
+    return node is not None and node.head
+
+
 def check_resources(cfg: JobConfig) -> None:
-    """Refuse a scaling that leaves a single-node cluster no CPU for Ray Data's read tasks (the run would hang)."""
+    """Refuse a scaling that leaves a plain local Ray no CPU for Ray Data's read tasks (the run would hang).
+
+    On a cluster this process joined, nodes can be added (an autoscaler, or `ray start --address`): a head with no CPU
+    and workers that scale from zero is the usual shape, and the run waits for them, so the shortfall is only logged.
+    """
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources().get("CPU", 0)
     asked = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if len(nodes) == 1 and total - asked < min(1.0, cfg.data.read.num_cpus):
-        raise ConfigError(
+        shortfall = (
             f"{cfg.scaling.num_workers} training worker(s) x {cfg.scaling.cpus_per_worker} CPU leave {total - asked:g} of this node's "
-            f"{total:g} CPUs for Ray Data's read tasks, which need {cfg.data.read.num_cpus:g} each: the run would wait forever. "
-            "Lower scaling.cpus_per_worker (e.g. 0.5) or scaling.num_workers."
+            f"{total:g} CPUs for Ray Data's read tasks, which need {cfg.data.read.num_cpus:g} each"
         )
+        if _ray_started_here():
+            raise ConfigError(f"{shortfall}: the run would wait forever. Lower scaling.cpus_per_worker (e.g. 0.5) or scaling.num_workers.")
+        logger.warning("%s; the run waits until nodes with CPUs join the cluster (an autoscaler or `ray start --address`)", shortfall)
     if cfg.train.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"train.batch_size {cfg.train.batch_size} (global) is not divisible by scaling.num_workers {cfg.scaling.num_workers}"
@@ -437,7 +470,9 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
 
     storage = _abs_storage(cfg.run.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
-    fs, root = fsspec.core.url_to_fs(run_dir, **(cfg.data.read.storage_options or {}))
+    out = cfg.run.storage_options or None  # the output side: run folder, checkpoints, manifests of the split, report
+    runs, store = Storage.at(storage, out), Storage.at(run_dir, out)  # Ray Train's storage_path, and this run's folder in it
+    fs, root = store.fs, store.root
     existing = fs.exists(root) and any("epoch_" in p for p in fs.ls(root, detail=False))
     if existing and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out / run.name")
@@ -447,12 +482,11 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     else:
         train_csv, test_csv = prepare_manifests(cfg, run_dir)
     read = cfg.data.read
-    chips = {
-        name: len(read_manifest(path, template=read.template, storage_options=read.storage_options or None))
-        for name, path in (("train", train_csv), ("test", test_csv))
-    }
-    train = good_chips(read_chips(train_csv, read, shuffle_seed=cfg.train.seed))  # a new file order every epoch
-    datasets = {"train": train, "test": good_chips(read_chips(test_csv, read))}
+    # the split's manifests live in the run folder (output side); the chips they name are read with `read` (input side)
+    files = {name: resolve_sources(path, SourceOptions(read.template, out)) for name, path in (("train", train_csv), ("test", test_csv))}
+    chips = {name: int(f["hdus"].map(len).sum()) for name, f in files.items()}
+    train = good_chips(read_chips(files["train"], read, shuffle_seed=cfg.train.seed))  # a new file order every epoch
+    datasets = {"train": train, "test": good_chips(read_chips(files["test"], read))}
     if cfg.data.cache:
         datasets = cache_datasets(datasets, chips["train"] + chips["test"])
         # the cached blocks, reordered every epoch
@@ -470,7 +504,9 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage,
+            # remote: the same filesystem object as the run folder's (endpoint, credentials), and a path without scheme
+            storage_path=runs.root if runs.remote else storage,
+            storage_filesystem=runs.pyarrow() if runs.remote else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.num_to_keep, checkpoint_score_attribute="accuracy", checkpoint_score_order="max"
@@ -483,13 +519,13 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     best = result.get_best_checkpoint("accuracy", "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
-    state = load_checkpoint(_uri(best, storage), cfg.data.read.storage_options or None)
-    latest = load_checkpoint(_uri(result.checkpoint, storage), cfg.data.read.storage_options or None) if result.checkpoint else state
+    state = load_checkpoint(_uri(best, storage), out)
+    latest = load_checkpoint(_uri(result.checkpoint, storage), out) if result.checkpoint else state
     history = latest.get("history", [])
     best_dir = f"{run_dir}/best"  # a stable name for the best checkpoint (Ray's epoch_NNN folders rotate)
     if fs.exists(f"{root}/best"):
         fs.rm(f"{root}/best", recursive=True)
-    fs.copy(fsspec.core.url_to_fs(_uri(best, storage))[1], f"{root}/best", recursive=True)
+    fs.copy(fs._strip_protocol(_uri(best, storage)), f"{root}/best", recursive=True)
     write_run_report(run_dir, history, cfg)
     if cfg.run.mlflow_tracking_uri:
         log_to_mlflow(cfg, history)
@@ -500,7 +536,8 @@ def write_run_report(run_dir: str, history: list[dict], cfg: JobConfig) -> None:
     """``metrics.csv`` (one row per epoch) and ``training_curves.png`` in the run folder."""
     from ray_hrc.plots import training_curves
 
-    fs, root = fsspec.core.url_to_fs(run_dir, **(cfg.data.read.storage_options or {}))
+    store = Storage.at(run_dir, cfg.run.storage_options)
+    fs, root = store.fs, store.root
     df = pd.DataFrame(history)
     with fs.open(f"{root}/metrics.csv", "w") as fh:
         df.to_csv(fh, index=False)

@@ -38,6 +38,28 @@ def autoscale(address: str, manifest: str, checkpoint: str, out: str) -> dict:
     return {"nodes_before": before, "nodes_peak": max(peak), "summary": summary}
 
 
+def train(address: str, config: str, manifest: str, out: str) -> dict:
+    """Join a cluster whose head has no CPU (as `ray job submit` does) and train; the autoscaler must bring up a worker."""
+    from ray_hrc.config import load_config
+    from ray_hrc.train import run_training
+
+    ray.init(address=address)
+    before, cpus = _alive_nodes(), ray.cluster_resources().get("CPU", 0)
+    peak, stop = [before], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak.append(_alive_nodes())
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    cfg = load_config(config, [f"data.manifest={manifest}", f"run.storage_path={out}", "run.name=cluster", "data.test_fraction=0.3"])
+    outcome = run_training(cfg)
+    stop.set()
+    return {"nodes_before": before, "cpus_before": cpus, "nodes_peak": max(peak), "epochs": [h["epoch"] for h in outcome.history],
+            "best_checkpoint": outcome.best_checkpoint}  # fmt: skip
+
+
 def node_loss(manifest: str, checkpoint: str, out: str) -> dict:
     """Three nodes on one machine; one worker node dies once the first chips are catalogued and a replacement joins
     (as an autoscaler would add one). Classification runs in a thread: node handling needs the main thread."""
@@ -71,5 +93,5 @@ def node_loss(manifest: str, checkpoint: str, out: str) -> dict:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    result = {"autoscale": autoscale, "node_loss": node_loss}[mode](*args)
+    result = {"autoscale": autoscale, "train": train, "node_loss": node_loss}[mode](*args)
     print("RESULT " + json.dumps(result, default=str))

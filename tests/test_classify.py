@@ -13,6 +13,7 @@ from astropy.table import Table
 from ray_hrc.classify import ClassifyConfig, classify_archive
 from ray_hrc.data import ReadConfig
 from ray_hrc.manifest import read_manifest, write_manifest
+from ray_hrc.storage import OutputConfig
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -98,7 +99,7 @@ def test_classify_from_s3_with_checkpoint_on_s3(ray_session, tiny_archive, rando
         fs.put(uri, f"{bucket}/archive/{uri.rsplit('/', 1)[-1]}")
     fs.put(random_checkpoint, f"{bucket}/ckpt", recursive=True)
     read = ReadConfig(storage_options=opts)
-    summary = classify_archive([f"{bucket}/archive/"], f"{bucket}/ckpt", f"{bucket}/catalog", read=read)
+    summary = classify_archive([f"{bucket}/archive/"], f"{bucket}/ckpt", f"{bucket}/catalog", read=read, output=OutputConfig(opts))
     assert summary["chips"] == 4 and summary["failed"] == 0  # every SCI of both files
     with fs.open(f"{bucket}/catalog/catalog.parquet", "rb") as fh:
         catalog = pd.read_parquet(fh)

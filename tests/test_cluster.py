@@ -3,6 +3,7 @@ alone (Ray's fake multi-node provider); a node lost mid-classification loses no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import psutil
 import pytest
 import yaml
 
+from ray_hrc.checkpoint import load_checkpoint
 from ray_hrc.classify import load_classify_config
 from ray_hrc.config import load_config
 from ray_hrc.manifest import read_manifest
@@ -136,9 +138,9 @@ def _run_driver(*args: str, timeout: int = 600) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_autoscaling_brings_up_workers_from_a_head_alone(tiny_archive, random_checkpoint, tmp_path):
+@contextlib.contextmanager
+def _autoscaling_head(tmp_path: Path, worker_cpus: int):
+    """A head with no CPU under Ray's fake multi-node autoscaler, whose CPU workers scale from zero: yields its address."""
     import ray._private.services as services
 
     port = _port()
@@ -151,7 +153,7 @@ def test_autoscaling_brings_up_workers_from_a_head_alone(tiny_archive, random_ch
                      "disable_launch_config_check": True, "gcs_address": address},  # fmt: skip
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            "cpu_worker": {"resources": {"CPU": worker_cpus}, "node_config": {}, "min_workers": 0, "max_workers": 2},
         },
         "head_node_type": "ray.head.default",
         "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1, "docker": {}, "initialization_commands": [],
@@ -166,15 +168,37 @@ def test_autoscaling_brings_up_workers_from_a_head_alone(tiny_archive, random_ch
            "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     try:
-        manifest = read_manifest(str(tiny_archive))
-        small = tmp_path / "small.csv"
-        manifest.iloc[:4].to_csv(small)
-        result = _run_driver("autoscale", address, str(small), random_checkpoint, str(tmp_path / "cat"))
+        yield address
     finally:
         _kill_processes_under(temp)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_autoscaling_brings_up_workers_from_a_head_alone(tiny_archive, random_checkpoint, tmp_path):
+    manifest = read_manifest(str(tiny_archive))
+    small = tmp_path / "small.csv"
+    manifest.iloc[:4].to_csv(small)
+    with _autoscaling_head(tmp_path, worker_cpus=1) as address:
+        result = _run_driver("autoscale", address, str(small), random_checkpoint, str(tmp_path / "cat"))
     assert result["nodes_before"] == 1  # the head alone, with no CPU for the job
     assert result["nodes_peak"] >= 2  # the job's requests brought up worker nodes
     assert result["summary"]["chips"] == 4 and result["summary"]["failed"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_training_waits_for_workers_on_a_head_with_no_cpu(tiny_archive, tmp_path):
+    """The README's cluster shape: `ray job submit` of a training job to a head with CPU 0, workers scaling from zero.
+    The job joins the cluster (as a submitted job does) and must wait for the autoscaler's worker, not refuse to run."""
+    out = tmp_path / "runs"
+    with _autoscaling_head(tmp_path, worker_cpus=2) as address:
+        result = _run_driver("train", address, str(ROOT / "configs/smoke.yaml"), str(tiny_archive), str(out), timeout=540)
+    assert result["nodes_before"] == 1 and result["cpus_before"] == 0  # the head alone, no CPU for the job at submit time
+    assert result["nodes_peak"] >= 2  # a worker node joined for it
+    assert result["epochs"] == [1]
+    state = load_checkpoint(result["best_checkpoint"])
+    assert state["epoch"] == 0 and state["model_name"] == "hrcelestialnet"
 
 
 @pytest.mark.slow
@@ -188,3 +212,17 @@ def test_a_lost_node_loses_no_chip(tiny_archive, random_checkpoint, tmp_path):
     assert not catalog.duplicated(["uri", "hdu"]).any()
     expected = set(zip(manifest["URI"], manifest["HDU Index"], strict=True))
     assert set(zip(catalog["uri"], catalog["hdu"], strict=True)) == expected  # every chip exactly once
+
+
+def test_gpu_auto_with_no_gpu_visible_warns_naming_the_key(ray_session, caplog):
+    """On a cluster whose GPU nodes scale from zero, `auto` sees no GPU: the model would quietly run on CPU actors."""
+    from ray_hrc.classify import ClassifyConfig, _use_gpu
+
+    assert ray_session.cluster_resources().get("GPU", 0) == 0
+    with caplog.at_level("WARNING", logger="ray_hrc.classify"):
+        assert _use_gpu(ClassifyConfig()) is False
+    assert "model_stage.use_gpu is auto" in caplog.text and "--gpu yes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ray_hrc.classify"):
+        assert _use_gpu(ClassifyConfig(use_gpu=False)) is False
+    assert not caplog.text  # an explicit choice is not warned about

@@ -11,6 +11,7 @@ from rawfits import science_pattern, write_file
 
 from ray_hrc.crop import crop_archive
 from ray_hrc.data import ReadConfig, error_rows, good_chips, read_chips, summarize
+from ray_hrc.storage import OutputConfig
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -98,7 +99,7 @@ def test_crop_to_s3_gives_byte_exact_science_areas(ray_session, mixed_archive, s
     with fs.open(f"{bucket}/lists/test.csv", "w") as fh:
         manifest.to_csv(fh)  # the published layout: leading unnamed index column
     config = ReadConfig(template=f"{bucket}/raw/{{obsid}}_raw.fits", storage_options=opts)
-    summary = crop_archive([f"{bucket}/lists/test.csv"], f"{bucket}/crops", config)
+    summary = crop_archive([f"{bucket}/lists/test.csv"], f"{bucket}/crops", config, OutputConfig(opts))
     assert summary["chips"] == 3 and summary["errors"] == 1 and summary["errors_by_class"] == {"not_fits": 1}
     with fs.open(f"{bucket}/crops/index.csv") as fh:
         index = pd.read_csv(fh)
