@@ -64,6 +64,7 @@ FULL = {
     "train_repeats": 3,
     "s3_files": 4,  # files read one by one in each way (local, astropy + fsspec, whole, ranges)
     "s3_repeats": 3,
+    "s3_read_stage": True,  # also the read stage alone from S3 (1 and 0.5 CPU per task, direct and paced)
     "section_timeout_s": 1200,
 }
 QUICK = {
@@ -90,6 +91,7 @@ QUICK = {
     "train_repeats": 1,
     "s3_files": 1,
     "s3_repeats": 1,
+    "s3_read_stage": False,
     "section_timeout_s": 300,
 }
 
@@ -155,7 +157,8 @@ def run_section(name: str, plan: dict) -> dict:
 
         warm_page_cache(files["small"])
         checkpoint = random_checkpoint(workdir / "checkpoint_s3", plan["pipeline_width"])
-        return s3.measure(files["small"][: plan["s3_files"]], files["small"], workdir / "s3", checkpoint, plan["s3_repeats"])
+        n, repeats = plan["s3_files"], plan["s3_repeats"]
+        return s3.measure(files["small"][:n], files["small"], workdir / "s3", checkpoint, repeats, plan["s3_read_stage"])
     raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
 
 

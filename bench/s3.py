@@ -222,8 +222,11 @@ def run_read_stage(sources: list[str], checkpoint: str, storage_options: dict | 
     return {"wall_s": wall, "chips": rows, "chips_per_s": rows / wall}
 
 
-def measure(paths: list[str], pipeline_paths: list[str], workdir: Path, checkpoint: str | None, repeats: int) -> dict:
-    """Every figure of the section (see the module docstring); `checkpoint` None skips the Ray part."""
+def measure(
+    paths: list[str], pipeline_paths: list[str], workdir: Path, checkpoint: str | None, repeats: int, read_stage: bool = True
+) -> dict:
+    """Every figure of the section (see the module docstring); `checkpoint` None skips the Ray part, `read_stage`
+    False the read stage alone (and the paced proxy)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with S3Server() as server:
         uris = server.upload(sorted(set(paths) | set(pipeline_paths)))
@@ -252,16 +255,20 @@ def measure(paths: list[str], pipeline_paths: list[str], workdir: Path, checkpoi
         result["s3_preprocess_ms_per_chip"] = result["ms_per_chip"]["whole"]
         result["s3_requests_per_file"] = requests["whole"]["requests_per_file"]
         if checkpoint is not None:
-            result.update(measure_pipeline(pipeline_paths, [uri_of[p] for p in pipeline_paths], server, checkpoint, workdir, repeats))
+            uris = [uri_of[p] for p in pipeline_paths]
+            result.update(measure_pipeline(pipeline_paths, uris, server, checkpoint, workdir, repeats, read_stage))
     return result
 
 
-def measure_pipeline(paths: list[str], uris: list[str], server: S3Server, checkpoint: str, workdir: Path, repeats: int) -> dict:
+def measure_pipeline(
+    paths: list[str], uris: list[str], server: S3Server, checkpoint: str, workdir: Path, repeats: int, read_stage: bool = True
+) -> dict:
     from bench.common import start_ray
     from bench.s3proxy import CountingProxy
 
     start_ray()
     names = ["pipeline_local", "pipeline_s3", "pipeline_s3_paced", "read_local", "read_s3_1cpu", "read_s3_half_cpu", "read_s3_paced_1cpu", "read_s3_paced_half_cpu"]  # fmt: skip
+    names = names if read_stage else names[:2]
     runs: dict[str, list[dict]] = {k: [] for k in names}
     run_pipeline(paths[:1], checkpoint, workdir / "warmup", None)  # workers, model actors and imports warm
     with CountingProxy(server.endpoint, rate_bytes_per_s=PACED_BYTES_PER_S) as paced:
@@ -269,6 +276,8 @@ def measure_pipeline(paths: list[str], uris: list[str], server: S3Server, checkp
         for _ in range(repeats):
             runs["pipeline_local"].append(run_pipeline(paths, checkpoint, workdir / "local", None))
             runs["pipeline_s3"].append(run_pipeline(uris, checkpoint, workdir / "s3", server.options))
+            if not read_stage:
+                continue
             runs["pipeline_s3_paced"].append(run_pipeline(uris, checkpoint, workdir / "s3", slow))
             runs["read_local"].append(run_read_stage(paths, checkpoint, None, 1.0))
             runs["read_s3_1cpu"].append(run_read_stage(uris, checkpoint, server.options, 1.0))
