@@ -30,6 +30,9 @@ REQUIRED_KEYS = [
     "serve_p99_s_c8",
     "consolidate_1m_s",
     "consolidate_1m_driver_rss_mib",
+    "s3_preprocess_ms_per_chip",
+    "s3_requests_per_file",
+    "s3_vs_local_pipeline",
 ]
 OBJECT_STORE_TARGET_MIB = 16 + 1 / 1024
 """16 MiB of 16-bit pixels per chip, plus at most 1 KiB of the row's metadata columns."""
@@ -322,6 +325,7 @@ def build_figures(r: dict, plan: dict) -> list[Figure]:
             f.notes.append(f"Missed by {100 * (0.8 - eff8):.0f} percentage points.")
     figs.append(f)
     figs += consolidate_figures(r.get("consolidate", {}), _cmd(base, "consolidate", quick))
+    figs += s3_figures(r.get("s3", {}), plan, _cmd(base, "s3", quick))
     return figs
 
 
@@ -364,6 +368,70 @@ def consolidate_figures(c: dict, reproduce: str) -> list[Figure]:
         "ru_maxrss of a fresh process that imports ray_hrc.classify (as the classify driver does; torch alone is most of the "
         "resident memory after imports), plans a resume of every file and writes catalog.parquet and errors.parquet."
     )
+    figs.append(f)
+    return figs
+
+
+def s3_figures(s: dict, plan: dict, reproduce: str) -> list[Figure]:
+    """Section 9 (bench/s3.py): the same files from the local S3 server and from disk."""
+    ms, req = s.get("ms_per_chip") or {}, s.get("requests") or {}
+    new, local = s.get("s3_preprocess_ms_per_chip"), ms.get("local")
+    f = Figure(
+        "9", "Preprocess from S3, 1 process (wall ms/chip)", "s3_preprocess_ms_per_chip", new, "ms", "local fast path", local,
+        new / local if new and local else None, "of local", "-", None, s.get("repeats"), reproduce,
+    )  # fmt: skip
+    if new:
+        f.notes.append(
+            f"Read + crop + normalise, wall clock per chip over {s['files']} file(s) of {_fmt(s.get('file_mb'))} MB on the local S3 server "
+            f"(moto, loopback): remote today (astropy + fsspec) {_fmt(ms.get('astropy_fsspec'))} ms, new path: one GET "
+            f"{_fmt(ms.get('whole'))} ms, header + SCI ranges {_fmt(ms.get('ranges'))} ms; local file {_fmt(local)} ms. CPU time of "
+            "the reading process (ms/chip): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("cpu_ms_per_chip") or {}).items())
+            + "; of the S3 server's process, on the same cores: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("server_cpu_ms_per_chip") or {}).items() if k != "local")
+            + "."
+        )
+    figs = [f]
+    per_file = s.get("s3_requests_per_file")
+    old = (req.get("astropy_fsspec") or {}).get("requests_per_file")
+    f = Figure(
+        "9", "Requests per file from S3", "s3_requests_per_file", per_file, "requests", "astropy + fsspec", old,
+        old / per_file if old and per_file else None, "fewer", "-", None, 1, reproduce,
+    )  # fmt: skip
+    if per_file:
+        floor = s.get("sci_bytes_per_chip")
+        f.notes.append(
+            "Counted by a proxy in front of the server; bytes fetched per chip against the file's bytes per chip "
+            f"({_fmt((req['whole'] or {}).get('file_bytes_per_chip'))}) and the floor, one read of each SCI extension ({_fmt(floor)}): "
+            + "; ".join(
+                f"{k}: {_fmt(v['requests_per_file'])} requests/file ({', '.join(f'{m} {n}' for m, n in v['requests_by_method'].items())} "
+                f"in all), {_fmt(v['bytes_fetched_per_chip'])} bytes/chip, {_fmt(v['fetched_over_file'])}x the file"
+                for k, v in req.items()
+            )
+            + "."
+        )
+    figs.append(f)
+    cps = s.get("chips_per_s") or {}
+    ratio = s.get("s3_vs_local_pipeline")
+    f = Figure(
+        "9", f"Pipeline from S3, {s.get('pipeline_files', '?')} files (chips/s)", "s3_vs_local_pipeline", cps.get("pipeline_s3"),
+        "chips/s", "same files from disk", cps.get("pipeline_local"), ratio, "of local", ">= 0.8",
+        ratio >= 0.8 if ratio is not None else None, s.get("repeats"), reproduce,
+    )  # fmt: skip
+    if ratio is not None:
+        stage = s.get("s3_vs_local_read_stage") or {}
+        rate = (s.get("paced_bytes_per_s") or 0) / 1e6
+        f.notes.append(
+            f"Read stage alone (read + crop + normalise, materialised), chips/s: from disk {_fmt(cps.get('read_local'))}; from the S3 "
+            f"server {_fmt(cps.get('read_s3_1cpu'))} with 1 CPU per read task ({_pct(stage.get('1cpu'))} of disk) and "
+            f"{_fmt(cps.get('read_s3_half_cpu'))} with 0.5 ({_pct(stage.get('half_cpu'))}); through a proxy pacing each answer at "
+            f"{rate:.0f} MB/s per connection (a network that takes time without taking the readers' cores) "
+            f"{_fmt(cps.get('read_s3_paced_1cpu'))} with 1 CPU per task ({_pct(stage.get('paced_1cpu'))}) and "
+            f"{_fmt(cps.get('read_s3_paced_half_cpu'))} with 0.5 ({_pct(stage.get('paced_half_cpu'))}). Pipeline through the paced proxy: "
+            f"{_fmt(cps.get('pipeline_s3_paced'))} chips/s. Per repeat (pipeline from S3 / from disk): "
+            + ", ".join(_pct(x) for x in s.get("s3_vs_local_pipeline_per_repeat", []))
+            + ". The S3 server (moto, one Python process) shares this machine's cores with the pipeline."
+        )
     figs.append(f)
     return figs
 

@@ -15,6 +15,8 @@ leak into another's figures), all on one synthetic archive written once:
 6. serve       Ray Serve under `hey` at concurrency 1, 4, 8 vs the model's own chips/s (bench/serve_load.py)
 7. consolidate resume planning and catalog consolidation over 10k / 100k / 1M synthetic part rows (no pixels, no
                Ray): wall time and the driver's peak RSS, each size in a fresh process (bench/consolidate.py)
+8. s3          the same files from a local S3 server (moto, loopback) and from disk: ms/chip, requests and bytes per
+               file of each remote read path, pipeline chips/s from S3 against from disk (bench/s3.py)
 
 ``--quick`` runs every section on small inputs and narrow models (a smoke test for CI, seconds per section);
 its figures are not the benchmark's.
@@ -40,7 +42,7 @@ elif str(ROOT) not in sys.path:
 
 logger = logging.getLogger("bench")
 
-SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "serve", "consolidate")
+SECTIONS = ("preprocess", "inference", "gpu", "pipeline", "train", "serve", "consolidate", "s3")
 
 FULL = {
     "quick": False,
@@ -68,6 +70,9 @@ FULL = {
     "serve_levels": {1: 6, 4: 16, 8: 32},  # concurrency -> requests (2 chips each)
     "serve_repeats": 3,
     "consolidate_sizes": [10_000, 100_000, 1_000_000],  # chips of synthetic part rows
+    "s3_files": 4,  # files read one by one in each way (local, astropy + fsspec, whole, ranges)
+    "s3_repeats": 3,
+    "s3_read_stage": True,  # also the read stage alone from S3 (1 and 0.5 CPU per task, direct and paced)
     "section_timeout_s": 1200,
 }
 QUICK = {
@@ -95,6 +100,9 @@ QUICK = {
     "serve_levels": {1: 2, 4: 4, 8: 8},
     "serve_repeats": 1,
     "consolidate_sizes": [10_000],
+    "s3_files": 1,
+    "s3_repeats": 1,
+    "s3_read_stage": False,
     "section_timeout_s": 300,
 }
 
@@ -168,6 +176,14 @@ def run_section(name: str, plan: dict) -> dict:
         from bench import consolidate
 
         return consolidate.measure(workdir / "consolidate", tuple(plan["consolidate_sizes"]))
+    if name == "s3":
+        from bench import s3
+        from bench.common import random_checkpoint, warm_page_cache
+
+        warm_page_cache(files["small"])
+        checkpoint = random_checkpoint(workdir / "checkpoint_s3", plan["pipeline_width"])
+        n, repeats = plan["s3_files"], plan["s3_repeats"]
+        return s3.measure(files["small"][:n], files["small"], workdir / "s3", checkpoint, repeats, plan["s3_read_stage"])
     raise ValueError(f"unknown section {name!r}; expected one of {SECTIONS}")
 
 

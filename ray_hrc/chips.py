@@ -7,7 +7,8 @@ what was expected; nothing raises out of `read_fits`.
 
 Pure numpy/astropy (plus the compiled loops of `ray_hrc.kernels`): no Ray here, so every path is unit-tested
 without a cluster. Well-formed local files and bytes have their headers walked by `map_fits` and their data
-memory-mapped; anything else, and remote URIs, go through astropy's HDU list.
+memory-mapped; anything else goes through astropy's HDU list. Remote URIs are fetched into memory first
+(`ray_hrc.remote`) and then read as bytes, by the same two paths.
 """
 
 from __future__ import annotations
@@ -618,14 +619,21 @@ def read_fits(
     uri: str | None = None,
     hdus: list[int] | None = None,
     storage_options: dict | None = None,
+    fetch: Any = None,
 ) -> list[Chip | ChipError]:
     """Read the chips of one FITS file.
 
     source: path, URI, or the file's bytes; `uri` names it in records (defaults to `source` when it is a string).
     hdus: absolute HDU indices to read (the LCID lists' ``HDU Index``: 1 or 4); None reads every SCI extension
     (and reports a chip the instrument has but the file lacks, e.g. one cut off by truncation).
-    Never raises for bad input: each failure is a `ChipError` (one per requested HDU, or one for the file).
+    A remote URI is fetched by `ray_hrc.remote.read_remote` (`storage_options`; `fetch`: its `FetchConfig`) and its
+    bytes read here. Never raises for bad input: each failure is a `ChipError` (one per requested HDU, or one for
+    the file).
     """
+    if isinstance(source, str) and is_remote(source):
+        from ray_hrc.remote import read_remote
+
+        return read_remote(source, hdus=hdus, storage_options=storage_options, config=fetch)
     uri = uri if uri is not None else (source if isinstance(source, str) else "<bytes>")
     name = os.path.basename(uri.rstrip("/")) or uri
     wanted = hdus if hdus else [-1]
@@ -642,7 +650,7 @@ def _read_fits(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         try:
-            mapped = None if isinstance(source, str) and is_remote(source) else map_fits(source, name)
+            mapped = map_fits(source, name)
         except FitsStructureError as exc:  # certainly not valid FITS: refused before astropy sees it
             return [ChipError(uri, h, exc.error_class, str(exc)) for h in wanted]
         if mapped is not None:

@@ -22,6 +22,7 @@ from ray.data.expressions import col
 from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS, Chip, ChipMeta, read_fits
 from ray_hrc.manifest import DEFAULT_TEMPLATE, SourceOptions, resolve_sources
 from ray_hrc.preprocess import NormConfig, preprocess_row
+from ray_hrc.remote import FetchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ReadConfig:
     num_cpus: float = 1.0  # CPUs per read task (one file per task)
     concurrency: int | None = None  # at most this many read tasks at once; None lets Ray Data decide
     max_retries: int = 3  # retries of a read task lost to a node or worker failure (bad files become error rows, not retries)
+    fetch: dict = field(default_factory=dict)  # remote sources: `ray_hrc.remote.FetchConfig` (mode, max_object_bytes, attempts, timeouts)
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(template=self.template, storage_options=self.storage_options or None)
@@ -54,7 +56,11 @@ class ReadConfig:
 
 
 def chip_rows(
-    file: dict[str, Any], storage_options: dict | None = None, norm: NormConfig | None = None, data: bytes | None = None
+    file: dict[str, Any],
+    storage_options: dict | None = None,
+    norm: NormConfig | None = None,
+    data: bytes | None = None,
+    fetch: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Read one file (a row of `resolve_sources`) into chip rows and error rows. Never raises for bad input.
 
@@ -63,12 +69,14 @@ def chip_rows(
     previous run already catalogued) are dropped. With `norm`, rows carry the normalised ``image`` instead of
     ``pixels`` (`ray_hrc.preprocess.preprocess_row`), so normalisation runs in the same CPU task as the read.
     With `data`, the file's bytes are read instead of ``file["uri"]``, which then only names them (Serve).
+    `fetch` configures how a remote URI is fetched (`ray_hrc.remote.FetchConfig` as a dict).
     """
     uri, hdus = file["uri"], [int(h) for h in file.get("hdus") or []]
     known = {h: (lab, body) for h, lab, body in zip(hdus, file.get("labels") or [], file.get("bodies") or [], strict=False)}
     skip = {int(h) for h in file.get("skip_hdus") or []}
     t0 = time.perf_counter()
-    records = read_fits(uri if data is None else data, uri=uri, hdus=hdus or None, storage_options=storage_options)
+    fetch_config = FetchConfig.from_dict(fetch) if fetch else None
+    records = read_fits(uri if data is None else data, uri=uri, hdus=hdus or None, storage_options=storage_options, fetch=fetch_config)
     read_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(records))
     out = []
     for record in records:
@@ -115,7 +123,7 @@ def read_chips(
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(shuffle_seed))  # one file per block; reseeded every execution
     return ds.flat_map(
         chip_rows,
-        fn_kwargs={"storage_options": config.storage_options or None, "norm": norm},
+        fn_kwargs={"storage_options": config.storage_options or None, "norm": norm, "fetch": config.fetch or None},
         num_cpus=config.num_cpus,
         concurrency=config.concurrency,
         max_retries=config.max_retries,  # a static remote arg: Ray 2.60 has no named parameter for it

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(480), pytest.mark.slow]
 
 CPU_KEYS = [
     "preprocess_ms_per_chip",
@@ -41,7 +41,7 @@ def quick_bench(tmp_path_factory):
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "auto", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=390)
+        stdout, stderr = proc.communicate(timeout=470)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the bench, its section processes and their Ray clusters
         proc.communicate()
@@ -59,6 +59,14 @@ def test_every_figure_is_a_positive_number(quick_bench):
     assert 0 < results["pipeline_peak_memory_ratio"] < 10
     assert 0 < results["train_ray_vs_plain"] < 3
     assert results["preprocess_naive_ms_per_chip"] > results["preprocess_ms_per_chip"]
+
+
+def test_s3_figures(quick_bench):
+    _, results, _ = quick_bench
+    assert results["s3_requests_per_file"] == 1  # one GET per file
+    assert results["s3_preprocess_ms_per_chip"] > 0 and 0 < results["s3_vs_local_pipeline"] < 3
+    requests = results["sections"]["s3"]["requests"]
+    assert requests["whole"]["fetched_over_file"] == 1 and requests["astropy_fsspec"]["requests_per_file"] >= 1
 
 
 def test_gpu_figures_are_null_without_cuda(quick_bench):
