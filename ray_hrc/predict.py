@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ray_hrc.calibration import softmax
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, model_from_checkpoint, norm_from_checkpoint
 from ray_hrc.chips import META_FIELDS
 from ray_hrc.data import ERROR_COLUMNS, LABEL_COLUMNS
@@ -66,11 +67,12 @@ class ChipClassifier:
         self.checkpoint_id = state.get("weights_hash", "")
         self.norm = norm_from_checkpoint(state)
         self.class_names = tuple(state.get("class_names", CLASS_NAMES))
+        self.temperature = float(state.get("temperature", 1.0))  # fitted on the validation chips (ray_hrc.calibration)
         self.model = prepare_for_inference(model_from_checkpoint(state), self.device, channels_last=True, fold_bn=True, compile=compile)
         logger.info("loaded %s (%s) from %s on %s", self.model_name, self.checkpoint_id, checkpoint, self.device)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax probabilities, float64 (B, n_classes), for normalised images (B, H, W)."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The model's logits, float64 (B, n_classes), for normalised images (B, H, W); no temperature applied."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)[:, None].float()
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -79,7 +81,11 @@ class ChipClassifier:
                     logits = self.model(x)
             else:
                 logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
+            return logits.float().cpu().numpy().astype(np.float64)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated softmax probabilities, float64 (B, n_classes): ``softmax(logits / temperature)``."""
+        return softmax(self.logits(images), self.temperature)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])

@@ -24,5 +24,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         logger.info("starting a local Ray")
         ray.init(num_cpus=num_cpus, include_dashboard=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    quiet_console()
+
+
+def quiet_console(terminal: bool | None = None) -> None:
+    """What Ray writes to this process's console: progress bars on a terminal; otherwise (a log file, ``ray job logs``,
+    CI) no progress bars and only Ray Data's warnings, so a log holds one line per stage and epoch. Ray Data's full
+    log stays in its file (``<session>/logs/ray-data/ray-data.log``).
+    """
+    import sys
+
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    ray.data.DataContext.get_current().enable_progress_bars = terminal
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console handler; its file handler keeps everything
+            handler.setLevel(logging.INFO if terminal else logging.WARNING)
