@@ -1,15 +1,15 @@
 """The demo's training recipe in a plain one-process loop, to compare recipes and seeds without Ray.
 
-It trains HR-CelestialNet on the demo's synthetic archive and split (by body, `test_fraction` 0.25, split seed 0) the
-way two Ray Train workers of `configs/demo.yaml` do: batches of 4 chips as two halves of 2 (BatchNorm sees 2 chips,
+It trains HR-CelestialNet on the demo's synthetic archive and split (by body: `test_fraction` 0.33, then
+`val_fraction` 0.2 of the training bodies, split seed 0, as `configs/demo.yaml`) the way two Ray Train workers do: batches of 4 chips as two halves of 2 (BatchNorm sees 2 chips,
 the gradients are averaged), the same `normalise`, `augment`, `lr_scheduler` and `recalibrate_batchnorm`. Only the data
 order differs from a Ray run (numpy's permutation instead of Ray Data's block order), so a recipe that is robust here
-over seeds is the one to try in `make demo`. Each epoch prints the held-out accuracy and ROC AUC; the last line of a
-run is appended to ``--results`` as JSON.
+over seeds is the one to try in `make demo`. Each epoch prints the validation accuracy and ROC AUC (the test part is
+never looked at here: recipes are compared on validation); the last line of a run is appended to ``--results`` as JSON.
 
     python bench/recipe_study.py --archive demo_out/archive --seed 1 --stem-init dct --roll --lr 2e-3 --warmup 1
 
-Normalised chips are kept in ``<archive>/study_{train,test}.npy`` (float16, 16 MiB a chip) so later runs skip the
+Normalised chips are kept in ``<archive>/study_{train,val}.npy`` (float16, 16 MiB a chip) so later runs skip the
 reads. The seed study in the README ran two of these at once with ``--threads 1``; each took about 9 minutes.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from ray_hrc.chips import Chip, read_fits
 from ray_hrc.config import AugmentConfig, TrainConfig
-from ray_hrc.manifest import read_manifest, split_manifest
+from ray_hrc.manifest import read_manifest, split_three
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig, normalise
 from ray_hrc.synth import synthesize_archive
@@ -70,7 +70,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", default="demo_out/archive", help="a synthetic archive (synthesized here if it has no manifest)")
-    p.add_argument("--bodies", type=int, default=48, help="only when the archive is synthesized")
+    p.add_argument("--bodies", type=int, default=80, help="only when the archive is synthesized")
     p.add_argument("--files-per-body", type=int, nargs=2, default=[1, 2])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -85,6 +85,9 @@ def main() -> None:
     p.add_argument(
         "--freeze-bn-epochs", type=int, default=0, help="train the last N epochs with BatchNorm in eval mode (its statistics fixed)"
     )
+    p.add_argument(
+        "--bn-batch", type=int, default=2, help="chips per forward pass (BatchNorm batch): 2 as two workers of the demo, 4 as one"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default="recipe_study.jsonl")
     a = p.parse_args()
@@ -93,10 +96,12 @@ def main() -> None:
     archive = Path(a.archive)
     if not (archive / "manifest.csv").exists():
         synthesize_archive(archive, bodies=a.bodies, seed=0, files_per_body=tuple(a.files_per_body))
-    train_df, test_df = split_manifest(read_manifest(str(archive / "manifest.csv")), test_fraction=0.25, seed=0)
+    train_df, val_df, _ = split_three(read_manifest(str(archive / "manifest.csv")), val_fraction=0.2, test_fraction=0.33, seed=0)
     x_train, y_train = load_split(archive, train_df, "train")
-    x_test, y_test = load_split(archive, test_df, "test")
-    print(f"train {len(y_train)} chips of {train_df['ID'].nunique()} bodies, test {len(y_test)} of {test_df['ID'].nunique()}", flush=True)
+    x_val, y_val = load_split(archive, val_df, "val")
+    print(
+        f"train {len(y_train)} chips of {train_df['ID'].nunique()} bodies, validation {len(y_val)} of {val_df['ID'].nunique()}", flush=True
+    )
 
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -117,9 +122,9 @@ def main() -> None:
         order = rng.permutation(len(y_train))
         for start in range(0, len(order), 4):
             idx = order[start : start + 4]
-            halves = [idx[:2], idx[2:]] if len(idx) > 2 else [idx]
+            halves = [idx[j : j + a.bn_batch] for j in range(0, len(idx), a.bn_batch)]
             optimizer.zero_grad(set_to_none=True)
-            for half in halves:  # two data-parallel workers of 2 chips each
+            for half in halves:  # data-parallel workers of bn_batch chips each (the demo: two of 2)
                 x = torch.from_numpy(np.stack([augment(np.asarray(x_train[i], np.float32), aug, rng) for i in half])[:, None])
                 loss = nn.functional.cross_entropy(model(x), torch.from_numpy(y_train[half])) / len(halves)
                 loss.backward()
@@ -129,7 +134,7 @@ def main() -> None:
             scheduler.step()
         if a.bn_chips and not frozen:
             recalibrate_batchnorm(model, list(last))
-        accuracy, auc = evaluate(model, x_test, y_test)
+        accuracy, auc = evaluate(model, x_val, y_val)
         history.append(
             {"epoch": epoch, "train_loss": float(np.mean(losses)), "accuracy": accuracy, "auc": auc, "s": time.perf_counter() - t0}
         )
