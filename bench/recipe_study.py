@@ -52,8 +52,8 @@ def load_split(archive: Path, part, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.load(cache, mmap_mode="r"), label_index(part["Label"].to_numpy())
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(accuracy, ROC AUC of p(NSC)) in eval mode."""
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """(accuracy, ROC AUC of p(NSC), cross-entropy) in eval mode."""
     model.eval()
     with torch.inference_mode():
         p = np.concatenate(
@@ -64,7 +64,8 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[
         )
     pos, neg = p[labels == 1], p[labels == 0]
     auc = float(np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])))
-    return float(np.mean((p > 0.5) == labels)), auc
+    loss = float(-np.mean(np.log(np.clip(np.where(labels == 1, p, 1 - p), 1e-12, None))))
+    return float(np.mean((p > 0.5) == labels)), auc, loss
 
 
 def main() -> None:
@@ -134,12 +135,24 @@ def main() -> None:
             scheduler.step()
         if a.bn_chips and not frozen:
             recalibrate_batchnorm(model, list(last))
-        accuracy, auc = evaluate(model, x_val, y_val)
+        accuracy, auc, val_loss = evaluate(model, x_val, y_val)
         history.append(
-            {"epoch": epoch, "train_loss": float(np.mean(losses)), "accuracy": accuracy, "auc": auc, "s": time.perf_counter() - t0}
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "accuracy": accuracy,
+                "auc": auc,
+                "s": time.perf_counter() - t0,
+            }
         )
         print(json.dumps(history[-1]), flush=True)
-    result = {"args": vars(a), "best_accuracy": max(h["accuracy"] for h in history), "history": history}
+    # the final weights on the training chips, without augmentation, in eval mode (BatchNorm's recomputed statistics)
+    # against the training loss above (train mode: each forward's BatchNorm statistics from its bn_batch chips)
+    train_accuracy, _, train_loss_eval = evaluate(model, x_train, y_train)
+    print(json.dumps({"train_loss_eval_mode": train_loss_eval, "train_accuracy_eval_mode": train_accuracy}), flush=True)
+    result = {"args": vars(a), "best_accuracy": max(h["accuracy"] for h in history), "history": history,
+              "train_loss_eval_mode": train_loss_eval, "train_accuracy_eval_mode": train_accuracy}  # fmt: skip
     with open(a.results, "a") as fh:
         fh.write(json.dumps(result) + "\n")
     print("accuracy by epoch", [round(h["accuracy"], 3) for h in history])

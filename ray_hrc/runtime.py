@@ -14,17 +14,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or ``RAY_ADDRESS``, as ``ray job submit`` sets it); else start a local Ray.
 
     Does nothing when Ray is already initialised (a test's session cluster, or a caller's own ``ray.init``).
+    On a terminal, the workers' and actors' output is shown here as Ray does by default; otherwise (a log file, CI,
+    ``ray job logs``) it stays in the session's log files (``<session>/logs/worker-*``), so that Ray Train's and Ray
+    Data's internal actors (their health checks and retries) do not flood the log: training prints its epochs from
+    this process (`ray_hrc.train`), and a failed task's error still reaches it as an exception.
     """
+    import sys
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    terminal = sys.stderr.isatty()
     if address:
         logger.info("joining Ray at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=terminal)
     else:
         logger.info("starting a local Ray")
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
-    quiet_console()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=terminal)
+    quiet_console(terminal)
 
 
 def quiet_console(terminal: bool | None = None) -> None:

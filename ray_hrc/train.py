@@ -18,6 +18,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 import zlib
 from collections import deque
@@ -592,7 +593,8 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    with EpochPrinter(fs, root, cfg.train.epochs):
+        result = trainer.fit()
     best = result.get_best_checkpoint("val_score", "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
@@ -612,6 +614,55 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     return TrainOutcome(
         run_dir=run_dir, best_checkpoint=best_dir, best_metrics=state["metrics"], history=history, test_metrics=test_metrics
     )
+
+
+class EpochPrinter(threading.Thread):
+    """Logs one line per epoch in the driver, from each new ``epoch_NNN/meta.json`` in the run folder.
+
+    The workers log their epochs too, but their output reaches the driver only on a terminal (`ray_hrc.runtime.
+    init_ray`); this keeps a log readable wherever it goes. Polls every `interval` seconds (one listing).
+    """
+
+    def __init__(self, fs, root: str, epochs: int, interval: float = 2.0):
+        super().__init__(daemon=True, name="epoch-printer")
+        self.fs, self.root, self.epochs, self.interval = fs, root, epochs, interval
+        self.done: set[str] = {p for p in self._epochs()}
+        self.stop = threading.Event()
+
+    def _epochs(self) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.ls(self.root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("epoch_"))
+        except FileNotFoundError:
+            return []
+
+    def poll(self) -> None:
+        for path in self._epochs():
+            if path in self.done:
+                continue
+            try:
+                with self.fs.open(f"{path}/meta.json") as fh:
+                    m = json.load(fh)["metrics"]
+            except (FileNotFoundError, KeyError, ValueError):
+                continue  # still being written, or already rotated away
+            self.done.add(path)
+            logger.info(
+                "epoch %d/%d: train loss %.3f (%.1f chips/s) | validation loss %.3f, accuracy %.3f, ECE %.3f -> %.3f (T %.2f) | %.0f s",
+                m["epoch"], self.epochs, m["train_loss"], m["train_chips_per_s"], m["val_loss"], m["val_accuracy"], m["val_ece"],
+                m["val_ece_calibrated"], m["temperature"], m["epoch_s"],
+            )  # fmt: skip
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self) -> EpochPrinter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
+        self.poll()
 
 
 class _TestLogits:
