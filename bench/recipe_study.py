@@ -16,6 +16,7 @@ reads. The seed study in the README ran two of these at once with ``--threads 1`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -32,7 +33,7 @@ from ray_hrc.manifest import read_manifest, split_three
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig, normalise
 from ray_hrc.synth import synthesize_archive
-from ray_hrc.train import augment, label_index, lr_scheduler, recalibrate_batchnorm
+from ray_hrc.train import augment, label_index, lr_scheduler, recalibrate_batchnorm, selection_score
 
 
 def load_split(archive: Path, part, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -91,13 +92,17 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default="recipe_study.jsonl")
+    p.add_argument(
+        "--test", action="store_true", help="after the last epoch, score the test part once (validation-chosen and last weights)"
+    )
+    p.add_argument("--archive-seed", type=int, default=0, help="only when the archive is synthesized")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
     archive = Path(a.archive)
     if not (archive / "manifest.csv").exists():
-        synthesize_archive(archive, bodies=a.bodies, seed=0, files_per_body=tuple(a.files_per_body))
-    train_df, val_df, _ = split_three(read_manifest(str(archive / "manifest.csv")), val_fraction=0.2, test_fraction=0.33, seed=0)
+        synthesize_archive(archive, bodies=a.bodies, seed=a.archive_seed, files_per_body=tuple(a.files_per_body))
+    train_df, val_df, test_df = split_three(read_manifest(str(archive / "manifest.csv")), val_fraction=0.2, test_fraction=0.33, seed=0)
     x_train, y_train = load_split(archive, train_df, "train")
     x_val, y_val = load_split(archive, val_df, "val")
     print(
@@ -112,7 +117,7 @@ def main() -> None:
     scheduler = lr_scheduler(optimizer, schedule, steps_per_epoch=math.ceil(len(y_train) / 4))
     aug = AugmentConfig(flips=not a.no_flips, roll=a.roll)
 
-    history = []
+    history, best_score, best_state = [], -1.0, None
     for epoch in range(1, a.epochs + 1):
         t0, losses, last = time.perf_counter(), [], deque(maxlen=max(1, a.bn_chips // 2))
         model.train()
@@ -147,12 +152,21 @@ def main() -> None:
             }
         )
         print(json.dumps(history[-1]), flush=True)
+        if selection_score(accuracy, val_loss) > best_score:  # chosen on validation, as run_training chooses best/
+            best_score, best_state = selection_score(accuracy, val_loss), {"epoch": epoch, **copy.deepcopy(model.state_dict())}
     # the final weights on the training chips, without augmentation, in eval mode (BatchNorm's recomputed statistics)
     # against the training loss above (train mode: each forward's BatchNorm statistics from its bn_batch chips)
     train_accuracy, _, train_loss_eval = evaluate(model, x_train, y_train)
     print(json.dumps({"train_loss_eval_mode": train_loss_eval, "train_accuracy_eval_mode": train_accuracy}), flush=True)
     result = {"args": vars(a), "best_accuracy": max(h["accuracy"] for h in history), "history": history,
               "train_loss_eval_mode": train_loss_eval, "train_accuracy_eval_mode": train_accuracy}  # fmt: skip
+    if a.test:  # scored once, at the end: the validation-chosen epoch's weights, and the last epoch's for comparison
+        x_test, y_test = load_split(archive, test_df, "test")
+        result["test_last"] = evaluate(model, x_test, y_test)[0]
+        best_epoch = best_state.pop("epoch")
+        model.load_state_dict(best_state)
+        result["test_best"], result["best_epoch"], result["test_chips"] = evaluate(model, x_test, y_test)[0], best_epoch, len(y_test)
+        print(json.dumps({k: result[k] for k in ("best_epoch", "test_best", "test_last", "test_chips")}), flush=True)
     with open(a.results, "a") as fh:
         fh.write(json.dumps(result) + "\n")
     print("accuracy by epoch", [round(h["accuracy"], 3) for h in history])
