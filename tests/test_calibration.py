@@ -96,3 +96,32 @@ def test_logit_metrics_and_the_selection_score():
     # accuracy first; equal accuracy: the lower loss wins
     assert selection_score(0.8, 5.0) > selection_score(0.79, 0.0)
     assert selection_score(0.8, 0.3) > selection_score(0.8, 0.4)
+
+
+def test_the_report_gives_ece_before_and_after_the_temperature_and_a_reliability_diagram(tiny_archive, random_checkpoint, tmp_path):
+    """`evaluate --catalog`: the catalog holds calibrated probabilities; the report recovers the uncalibrated ones."""
+    import pandas as pd
+
+    from ray_hrc.checkpoint import load_checkpoint, save_checkpoint
+    from ray_hrc.evaluate import evaluate_checkpoint
+    from ray_hrc.manifest import read_manifest
+
+    state = load_checkpoint(random_checkpoint)
+    save_checkpoint(str(tmp_path / "ckpt"), {**state, "temperature": 2.0})
+    chips = read_manifest(str(tiny_archive))
+    logits = np.random.default_rng(0).normal(0, 3, (len(chips), 2))
+    p = softmax(logits, 2.0)
+    y = (chips["Label"] == "NSC").to_numpy().astype(np.int64)
+    catalog = pd.DataFrame(
+        {"uri": chips["URI"], "hdu": chips["HDU Index"], "obsid": chips["OBSID"], "body": chips["ID"], "label_true": chips["Label"],
+         "label": np.where(p[:, 0] >= 0.5, "galaxy", "NSC"), "p_galaxy": p[:, 0], "p_nsc": p[:, 1], "checkpoint": state["weights_hash"],
+         "preprocess_ms": 1.0, "classify_ms": 1.0}
+    )  # fmt: skip
+    catalog.to_parquet(tmp_path / "catalog.parquet")
+    m = evaluate_checkpoint(str(tmp_path / "ckpt"), str(tiny_archive), str(tmp_path / "report"), catalog=str(tmp_path / "catalog.parquet"))
+    c = m["calibration"]
+    assert c["temperature"] == 2.0
+    assert c["ece"] == pytest.approx(expected_calibration_error(softmax(logits), y))
+    assert c["ece_calibrated"] == pytest.approx(expected_calibration_error(p, y))
+    assert (tmp_path / "report" / "reliability.png").stat().st_size > 0
+    assert "Expected calibration error (10 bins)" in (tmp_path / "report" / "metrics.md").read_text()
