@@ -723,7 +723,7 @@ def score_test(cfg: JobConfig, splits: Splits, checkpoints: dict[str, str], run_
         fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": opts},
         batch_size=max(1, cfg.train.batch_size),
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1 if not cfg.scaling.use_gpu else 0,
         num_gpus=cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0,
     )
