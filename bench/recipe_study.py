@@ -1,21 +1,22 @@
 """The demo's training recipe in a plain one-process loop, to compare recipes and seeds without Ray.
 
-It trains HR-CelestialNet on the demo's synthetic archive and split (by body, `test_fraction` 0.25, split seed 0) the
-way two Ray Train workers of `configs/demo.yaml` do: batches of 4 chips as two halves of 2 (BatchNorm sees 2 chips,
+It trains HR-CelestialNet on the demo's synthetic archive and split (by body: `test_fraction` 0.33, then
+`val_fraction` 0.2 of the training bodies, split seed 0, as `configs/demo.yaml`) the way two Ray Train workers do: batches of 4 chips as two halves of 2 (BatchNorm sees 2 chips,
 the gradients are averaged), the same `normalise`, `augment`, `lr_scheduler` and `recalibrate_batchnorm`. Only the data
 order differs from a Ray run (numpy's permutation instead of Ray Data's block order), so a recipe that is robust here
-over seeds is the one to try in `make demo`. Each epoch prints the held-out accuracy and ROC AUC; the last line of a
-run is appended to ``--results`` as JSON.
+over seeds is the one to try in `make demo`. Each epoch prints the validation accuracy and ROC AUC (the test part is
+never looked at here: recipes are compared on validation); the last line of a run is appended to ``--results`` as JSON.
 
     python bench/recipe_study.py --archive demo_out/archive --seed 1 --stem-init dct --roll --lr 2e-3 --warmup 1
 
-Normalised chips are kept in ``<archive>/study_{train,test}.npy`` (float16, 16 MiB a chip) so later runs skip the
+Normalised chips are kept in ``<archive>/study_{train,val}.npy`` (float16, 16 MiB a chip) so later runs skip the
 reads. The seed study in the README ran two of these at once with ``--threads 1``; each took about 9 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -28,11 +29,11 @@ from torch import nn
 
 from ray_hrc.chips import Chip, read_fits
 from ray_hrc.config import AugmentConfig, TrainConfig
-from ray_hrc.manifest import read_manifest, split_manifest
+from ray_hrc.manifest import read_manifest, split_three
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig, normalise
 from ray_hrc.synth import synthesize_archive
-from ray_hrc.train import augment, label_index, lr_scheduler, recalibrate_batchnorm
+from ray_hrc.train import augment, label_index, lr_scheduler, recalibrate_batchnorm, selection_score
 
 
 def load_split(archive: Path, part, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,8 +53,8 @@ def load_split(archive: Path, part, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.load(cache, mmap_mode="r"), label_index(part["Label"].to_numpy())
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(accuracy, ROC AUC of p(NSC)) in eval mode."""
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """(accuracy, ROC AUC of p(NSC), cross-entropy) in eval mode."""
     model.eval()
     with torch.inference_mode():
         p = np.concatenate(
@@ -64,13 +65,14 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> tuple[
         )
     pos, neg = p[labels == 1], p[labels == 0]
     auc = float(np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])))
-    return float(np.mean((p > 0.5) == labels)), auc
+    loss = float(-np.mean(np.log(np.clip(np.where(labels == 1, p, 1 - p), 1e-12, None))))
+    return float(np.mean((p > 0.5) == labels)), auc, loss
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", default="demo_out/archive", help="a synthetic archive (synthesized here if it has no manifest)")
-    p.add_argument("--bodies", type=int, default=48, help="only when the archive is synthesized")
+    p.add_argument("--bodies", type=int, default=80, help="only when the archive is synthesized")
     p.add_argument("--files-per-body", type=int, nargs=2, default=[1, 2])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -85,18 +87,27 @@ def main() -> None:
     p.add_argument(
         "--freeze-bn-epochs", type=int, default=0, help="train the last N epochs with BatchNorm in eval mode (its statistics fixed)"
     )
+    p.add_argument(
+        "--bn-batch", type=int, default=2, help="chips per forward pass (BatchNorm batch): 2 as two workers of the demo, 4 as one"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default="recipe_study.jsonl")
+    p.add_argument(
+        "--test", action="store_true", help="after the last epoch, score the test part once (validation-chosen and last weights)"
+    )
+    p.add_argument("--archive-seed", type=int, default=0, help="only when the archive is synthesized")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
     archive = Path(a.archive)
     if not (archive / "manifest.csv").exists():
-        synthesize_archive(archive, bodies=a.bodies, seed=0, files_per_body=tuple(a.files_per_body))
-    train_df, test_df = split_manifest(read_manifest(str(archive / "manifest.csv")), test_fraction=0.25, seed=0)
+        synthesize_archive(archive, bodies=a.bodies, seed=a.archive_seed, files_per_body=tuple(a.files_per_body))
+    train_df, val_df, test_df = split_three(read_manifest(str(archive / "manifest.csv")), val_fraction=0.2, test_fraction=0.33, seed=0)
     x_train, y_train = load_split(archive, train_df, "train")
-    x_test, y_test = load_split(archive, test_df, "test")
-    print(f"train {len(y_train)} chips of {train_df['ID'].nunique()} bodies, test {len(y_test)} of {test_df['ID'].nunique()}", flush=True)
+    x_val, y_val = load_split(archive, val_df, "val")
+    print(
+        f"train {len(y_train)} chips of {train_df['ID'].nunique()} bodies, validation {len(y_val)} of {val_df['ID'].nunique()}", flush=True
+    )
 
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -106,7 +117,7 @@ def main() -> None:
     scheduler = lr_scheduler(optimizer, schedule, steps_per_epoch=math.ceil(len(y_train) / 4))
     aug = AugmentConfig(flips=not a.no_flips, roll=a.roll)
 
-    history = []
+    history, best_score, best_state = [], -1.0, None
     for epoch in range(1, a.epochs + 1):
         t0, losses, last = time.perf_counter(), [], deque(maxlen=max(1, a.bn_chips // 2))
         model.train()
@@ -117,9 +128,9 @@ def main() -> None:
         order = rng.permutation(len(y_train))
         for start in range(0, len(order), 4):
             idx = order[start : start + 4]
-            halves = [idx[:2], idx[2:]] if len(idx) > 2 else [idx]
+            halves = [idx[j : j + a.bn_batch] for j in range(0, len(idx), a.bn_batch)]
             optimizer.zero_grad(set_to_none=True)
-            for half in halves:  # two data-parallel workers of 2 chips each
+            for half in halves:  # data-parallel workers of bn_batch chips each (the demo: two of 2)
                 x = torch.from_numpy(np.stack([augment(np.asarray(x_train[i], np.float32), aug, rng) for i in half])[:, None])
                 loss = nn.functional.cross_entropy(model(x), torch.from_numpy(y_train[half])) / len(halves)
                 loss.backward()
@@ -129,12 +140,33 @@ def main() -> None:
             scheduler.step()
         if a.bn_chips and not frozen:
             recalibrate_batchnorm(model, list(last))
-        accuracy, auc = evaluate(model, x_test, y_test)
+        accuracy, auc, val_loss = evaluate(model, x_val, y_val)
         history.append(
-            {"epoch": epoch, "train_loss": float(np.mean(losses)), "accuracy": accuracy, "auc": auc, "s": time.perf_counter() - t0}
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "accuracy": accuracy,
+                "auc": auc,
+                "s": time.perf_counter() - t0,
+            }
         )
         print(json.dumps(history[-1]), flush=True)
-    result = {"args": vars(a), "best_accuracy": max(h["accuracy"] for h in history), "history": history}
+        if selection_score(accuracy, val_loss) > best_score:  # chosen on validation, as run_training chooses best/
+            best_score, best_state = selection_score(accuracy, val_loss), {"epoch": epoch, **copy.deepcopy(model.state_dict())}
+    # the final weights on the training chips, without augmentation, in eval mode (BatchNorm's recomputed statistics)
+    # against the training loss above (train mode: each forward's BatchNorm statistics from its bn_batch chips)
+    train_accuracy, _, train_loss_eval = evaluate(model, x_train, y_train)
+    print(json.dumps({"train_loss_eval_mode": train_loss_eval, "train_accuracy_eval_mode": train_accuracy}), flush=True)
+    result = {"args": vars(a), "best_accuracy": max(h["accuracy"] for h in history), "history": history,
+              "train_loss_eval_mode": train_loss_eval, "train_accuracy_eval_mode": train_accuracy}  # fmt: skip
+    if a.test:  # scored once, at the end: the validation-chosen epoch's weights, and the last epoch's for comparison
+        x_test, y_test = load_split(archive, test_df, "test")
+        result["test_last"] = evaluate(model, x_test, y_test)[0]
+        best_epoch = best_state.pop("epoch")
+        model.load_state_dict(best_state)
+        result["test_best"], result["best_epoch"], result["test_chips"] = evaluate(model, x_test, y_test)[0], best_epoch, len(y_test)
+        print(json.dumps({k: result[k] for k in ("best_epoch", "test_best", "test_last", "test_chips")}), flush=True)
     with open(a.results, "a") as fh:
         fh.write(json.dumps(result) + "\n")
     print("accuracy by epoch", [round(h["accuracy"], 3) for h in history])

@@ -108,15 +108,14 @@ def cmd_crop(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ray_hrc.manifest import read_manifest, split_manifest, write_manifest
+    from ray_hrc.manifest import read_manifest, split_three, write_manifest
 
     df = read_manifest(args.manifest, template=TEMPLATES.get(args.template, args.template))
-    train, test = split_manifest(df, test_fraction=args.test_fraction, seed=args.seed)
+    train, val, test = split_three(df, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(train, out / "train.csv")
-    write_manifest(test, out / "test.csv")
-    for name, part in (("train", train), ("test", test)):
+    for name, part in (("train", train), ("val", val), ("test", test)):
+        write_manifest(part, out / f"{name}.csv")
         counts = part["Label"].value_counts().to_dict()
         print(f"{name}: {len(part)} chips, {part['ID'].nunique()} bodies, {counts} -> {out / (name + '.csv')}")
     return 0
@@ -155,11 +154,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     init_ray(args.address)
     outcome = run_training(cfg, resume=args.resume)
-    m = outcome.best_metrics
+    m, t = outcome.best_metrics, outcome.test_metrics["best"]
     print(f"run: {outcome.run_dir}")
     print(
-        f"best epoch {m['epoch']}: accuracy {m['accuracy']:.4f}, F1 galaxy {m['f1_galaxy']:.4f}, F1 NSC {m['f1_nsc']:.4f}, "
-        f"confusion [true x predicted; galaxy, NSC] {m['confusion']}"
+        f"best epoch {m['epoch']} (chosen on validation): validation accuracy {m['val_accuracy']:.4f}, temperature {m['temperature']:.3f}"
+    )
+    print(
+        f"test ({t['chips']} chips, scored once): accuracy {t['accuracy']:.4f}, F1 galaxy {t['f1_galaxy']:.4f}, F1 NSC {t['f1_nsc']:.4f}, "
+        f"confusion [true x predicted; galaxy, NSC] {t['confusion']}, ECE {t['ece']:.3f} -> {t['ece_calibrated']:.3f}"
     )
     print(outcome.best_checkpoint)  # the last line: the best checkpoint's URI, for scripts to chain
     return 0
@@ -274,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_storage_args(p)
     p.set_defaults(func=cmd_crop)
 
-    p = sub.add_parser("split", help="split a manifest by celestial body into train.csv and test.csv")
+    p = sub.add_parser("split", help="split a manifest by celestial body into train.csv, val.csv and test.csv")
     p.add_argument("manifest")
     p.add_argument("--out", required=True)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of the chips for test.csv")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the remaining (training) chips for val.csv")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="URI template for rows without a URI column")
     p.set_defaults(func=cmd_split)
@@ -326,8 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (configs/paper/*.yaml, configs/smoke.yaml, configs/demo.yaml)")
-    p.add_argument("--manifest", default=None, help="LCID-format manifest to train on (split by body unless --test-manifest is given)")
-    p.add_argument("--test-manifest", default=None, help="held-out manifest to evaluate on every epoch")
+    p.add_argument(
+        "--manifest",
+        default=None,
+        help="LCID-format manifest: split by body into train, validation and test (train and validation with --test-manifest)",
+    )
+    p.add_argument(
+        "--test-manifest", default=None, help="held-out manifest, scored once with best/ after the last epoch (never read before)"
+    )
     p.add_argument("--out", default=None, help="run folder (local or s3://); default <run.storage_path>/<run.name> from the config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (at the next epoch)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=2 (repeatable)")

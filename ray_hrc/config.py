@@ -46,8 +46,9 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class DataConfig:
     manifest: str | None = None  # LCID-format CSV (local or s3://); None: synthesize `synth_bodies` bodies into <out>/archive
-    test_manifest: str | None = None  # held-out chips; None: split `manifest` by body
+    test_manifest: str | None = None  # held-out chips, opened only once training has ended; None: split `manifest` by body
     test_fraction: float = 0.2  # share of chips for testing when splitting (the paper's 8:2)
+    val_fraction: float = 0.2  # share of the training bodies' chips held out for validation (which chooses best/ and fits the temperature)
     split_seed: int = 0
     synth_bodies: int = 8  # only when manifest is None
     synth_seed: int = 0
@@ -95,7 +96,7 @@ class RunConfig:
     )  # fsspec options for the run folder (output side; data.read.storage_options are the sources')
     name: str = "train"
     max_failures: int = 2  # worker failures survived (resuming from the last checkpoint) before the run fails
-    num_to_keep: int = 2  # checkpoints kept, best by test accuracy
+    num_to_keep: int = 2  # checkpoints kept, best by validation accuracy (ties: lower validation loss)
     mlflow_tracking_uri: str | None = None  # log params and per-epoch metrics to MLflow when set
 
 

@@ -141,9 +141,42 @@ def evaluate_checkpoint(
         confusion_plot(metrics["blurry"]["confusion"], CLASS_NAMES, out_path / "confusion_blurry.png", title=f"{name} on blurry chips")
     misclassified_gallery(table, out_path / "misclassified.png", read)
     sky_report(table, out_path, title=f"{name}: {len(table)} evaluated chips on the sky, by predicted label")
+    metrics["calibration"] = calibration_report(table, float(state.get("temperature", 1.0)), out_path / "reliability.png", title=name)
+    rows.append(calibration_row(metrics["calibration"]))
     (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_path / "metrics.md").write_text("\n".join([TABLE_HEADER, "|" + "---|" * 9, *rows]) + "\n")
     return metrics
+
+
+def calibration_report(catalog: pd.DataFrame, temperature: float, path: Path, *, title: str = "") -> dict[str, Any]:
+    """ECE of a catalog's labelled chips before and after the checkpoint's temperature, and ``reliability.png``.
+
+    The catalog holds the calibrated probabilities (`ray_hrc.predict.ChipClassifier` applies the temperature); the
+    uncalibrated ones follow from them and the temperature exactly (`logits_from_probabilities`).
+    """
+    from ray_hrc.calibration import expected_calibration_error, logits_from_probabilities, reliability_bins, softmax
+    from ray_hrc.plots import reliability_diagram
+
+    labelled = catalog[catalog["label_true"].isin(CLASS_NAMES) & catalog["label"].isin(CLASS_NAMES)]
+    after = labelled[["p_galaxy", "p_nsc"]].to_numpy(np.float64).reshape(-1, 2)
+    before = softmax(logits_from_probabilities(after, temperature)) if len(after) else after
+    y = np.array([CLASS_NAMES.index(v) for v in labelled["label_true"]], dtype=np.int64)
+    out = {
+        "temperature": temperature,
+        "ece": expected_calibration_error(before, y),
+        "ece_calibrated": expected_calibration_error(after, y),
+        "reliability": {"before": reliability_bins(before, y), "after": reliability_bins(after, y)},
+    }
+    reliability_diagram(
+        out["reliability"]["before"], out["reliability"]["after"], path,
+        title=f"{title}: ECE {out['ece']:.3f} -> {out['ece_calibrated']:.3f} (temperature {temperature:.2f})",
+    )  # fmt: skip
+    return out
+
+
+def calibration_row(c: dict[str, Any]) -> str:
+    """The line under the table: ECE before and after the temperature."""
+    return f"\nExpected calibration error (10 bins): {c['ece']:.4f} before, {c['ece_calibrated']:.4f} after temperature {c['temperature']:.3f}."
 
 
 def chip_keys(manifest: str, read: ReadConfig) -> pd.DataFrame:

@@ -148,6 +148,20 @@ def split_manifest(df: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0) 
     return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
 
 
+def split_three(
+    df: pd.DataFrame, val_fraction: float = 0.2, test_fraction: float | None = 0.2, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Train, validation and test parts, each by body and stratified by label (`split_manifest` twice).
+
+    The test part takes `test_fraction` of the chips; the validation part then takes `val_fraction` of the remaining
+    training bodies' chips, so it never holds a test body. With ``test_fraction=None`` (a separate test manifest is
+    given) only train and validation are split and the third part is None.
+    """
+    train, test = (df, None) if test_fraction is None else split_manifest(df, test_fraction=test_fraction, seed=seed)
+    train, val = split_manifest(train, test_fraction=val_fraction, seed=seed + 1)
+    return train, val, test
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """Where sources live and how to reach them."""

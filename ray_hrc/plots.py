@@ -1,4 +1,4 @@
-"""Figures people would rather look at than read: chip galleries (and, later, curves and confusion matrices)."""
+"""Figures people would rather look at than read: chip galleries, training curves, confusion matrices, reliability diagrams."""
 
 from __future__ import annotations
 
@@ -51,21 +51,41 @@ def chip_gallery(thumbs: Sequence[np.ndarray], titles: Sequence[str], path: str 
 
 
 def training_curves(history, path: str | Path, *, title: str = "") -> Path:
-    """Loss and test metrics per epoch from a DataFrame with the columns of `ray_hrc.train` reports."""
+    """Loss and validation metrics per epoch from a DataFrame with the columns of `ray_hrc.train` reports."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
-    ax_loss.plot(epochs, history["test_loss"], "s-", label="test")
+    ax_loss.plot(epochs, history["val_loss"], "s-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
-    for column, label in (("accuracy", "accuracy"), ("f1_galaxy", "F1 galaxy"), ("f1_nsc", "F1 NSC")):
+    for column, label in (("val_accuracy", "accuracy"), ("val_f1_galaxy", "F1 galaxy"), ("val_f1_nsc", "F1 NSC")):
         ax_acc.plot(epochs, history[column], "o-", label=label)
-    ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="test metrics")
+    ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="validation metrics")
     ax_acc.legend(loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def reliability_diagram(before: Sequence[dict], after: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
+    """Accuracy against mean confidence per confidence bin, before and after temperature scaling, with the chips per bin.
+
+    before, after: `ray_hrc.calibration.reliability_bins` tables. A calibrated model lies on the diagonal.
+    """
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="calibrated")
+    width = 1 / max(1, len(before))
+    for table, style, label, shift in ((before, "o-", "before", -0.2), (after, "s-", "after (temperature)", 0.2)):
+        used = [b for b in table if b["chips"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], style, label=label)
+        ax_n.bar([(b["low"] + b["high"]) / 2 + shift * width for b in table], [b["chips"] for b in table], width=0.4 * width, label=label)
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.set(xlabel="confidence (largest class probability)", ylabel="chips")
+    ax.title.set_fontsize(8)
     return _save(fig, path)
 
 

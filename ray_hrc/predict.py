@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ray_hrc.calibration import softmax
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, model_from_checkpoint, norm_from_checkpoint
 from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS  # not ray_hrc.data: the core imports no Ray
 from ray_hrc.models import choose_precision, prepare_for_inference
@@ -84,10 +85,14 @@ class ChipClassifier:
         self.model = prepare_for_inference(
             model_from_checkpoint(state), self.device, channels_last=True, fold_bn=True, compile=compile, dtype=self.precision.dtype
         )
-        logger.info("loaded %s (%s) from %s; precision %s", self.model_name, self.checkpoint_id, checkpoint, self.precision.describe())
+        self.temperature = float(state.get("temperature", 1.0))  # fitted on the validation chips (ray_hrc.calibration)
+        logger.info(
+            "loaded %s (%s) from %s; precision %s; temperature %.3f",
+            self.model_name, self.checkpoint_id, checkpoint, self.precision.describe(), self.temperature,
+        )  # fmt: skip
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax probabilities, float64 (B, n_classes), for normalised images (B, H, W)."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The model's logits, float64 (B, n_classes), for normalised images (B, H, W); no temperature applied."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)[:, None].float()  # the stem runs in float32
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -96,7 +101,11 @@ class ChipClassifier:
                     logits = self.model(x)
             else:
                 logits = self.model(x)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
+            return logits.float().cpu().numpy().astype(np.float64)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated softmax probabilities, float64 (B, n_classes): ``softmax(logits / temperature)``."""
+        return softmax(self.logits(images), self.temperature)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])

@@ -1,17 +1,24 @@
 """Data-parallel training with Ray Train: chips stream from Ray Data into `train_loop_per_worker`.
 
 The loop reads top to bottom: build the model, `prepare_model` (DDP), restore the latest checkpoint if the run is
-resuming, then per epoch `train_step` over the worker's shard, `evaluate` on the held-out bodies (every worker
-scores its share, the confusion matrix is all-reduced), and `ray.train.report` with a checkpoint from rank 0.
+resuming, then per epoch `train_step` over the worker's shard, `evaluate` on the validation bodies (every worker
+scores its share, the logits are all-reduced, a temperature is fitted to them), and `ray.train.report` with a
+checkpoint from rank 0 that also holds every rank's RNG states.
+
+Three parts, each by body: train, validation (from the training bodies) and test. The validation part chooses
+``best/``; the test manifest is not opened until the last epoch has ended, and is then scored once with ``best/``
+(`score_test`), into ``test_metrics.json`` and ``reliability.png``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import tempfile
+import threading
 import time
 import zlib
 from collections import deque
@@ -31,7 +38,7 @@ from torch import nn
 from ray_hrc.checkpoint import CLASS_NAMES, load_checkpoint, save_checkpoint
 from ray_hrc.config import AugmentConfig, ConfigError, JobConfig, TrainConfig, config_from_dict
 from ray_hrc.data import good_chips, read_chips
-from ray_hrc.manifest import SourceOptions, read_manifest, resolve_sources, split_manifest, write_manifest
+from ray_hrc.manifest import SourceOptions, read_manifest, resolve_sources, split_three, write_manifest
 from ray_hrc.models import build_model
 from ray_hrc.preprocess import NormConfig, normalise
 from ray_hrc.storage import Storage
@@ -178,16 +185,28 @@ def _owner(uri: str, hdu: int, world: int) -> int:
 # --- the Ray Train loop --------------------------------------------------------------------------------------------------
 
 
-def _rng_state() -> dict:
-    """The global RNG states as tensors and plain types (a checkpoint is loaded with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached], "python": random.getstate()}
+def rng_state(augment_rng: np.random.Generator) -> dict:
+    """This process's random states as tensors and plain Python types (a checkpoint loads with ``weights_only=True``):
+    the augmentation generator's, torch's (CPU and, where there is one, the current CUDA device's), numpy's global
+    and Python's."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "augment": augment_rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, augment_rng: np.random.Generator) -> None:
+    """Restore what `rng_state` saved, into this process and `augment_rng`."""
+    augment_rng.bit_generator.state = state["augment"]
     torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
@@ -216,34 +235,81 @@ def all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
     return all_reduce_tensor(torch.from_numpy(np.ascontiguousarray(values)), device).cpu().numpy()
 
 
-def evaluate(model: nn.Module, dataset, cfg: JobConfig, device: torch.device, autocast, rank: int, world: int) -> dict[str, Any]:
-    """Loss, accuracy, F1 per class and the confusion matrix on the test dataset, over all workers."""
+def _gather_rng_states(augment_rng: np.random.Generator, world: int) -> list[dict]:
+    """Every rank's `rng_state`, in rank order (a collective: every worker calls it)."""
+    mine = rng_state(augment_rng)
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def chip_key(uri: str, hdu: int) -> str:
+    """How a chip is named across workers and manifests: ``<uri>#<hdu>``."""
+    return f"{uri}#{int(hdu)}"
+
+
+def logit_metrics(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, prefix: str = "") -> dict[str, Any]:
+    """Loss (cross-entropy of ``logits / temperature``), accuracy, F1 per class, confusion matrix and ECE before and
+    after `temperature`, for logits float (N, C) and label indices (N,); keys prefixed by `prefix`."""
+    from ray_hrc.calibration import expected_calibration_error, softmax
+
+    confusion = confusion_matrix(labels, logits.argmax(1)) if len(labels) else np.zeros((2, 2), np.int64)
+    probs = softmax(logits, temperature) if len(labels) else np.zeros((0, 2))
+    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None)))) if len(labels) else float("nan")
+    out = {
+        "loss": nll,
+        **classification_metrics(confusion),
+        "confusion": confusion.tolist(),
+        "chips": int(len(labels)),
+        "ece": expected_calibration_error(softmax(logits), labels) if len(labels) else float("nan"),
+        "ece_calibrated": expected_calibration_error(probs, labels) if len(labels) else float("nan"),
+    }
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def evaluate(
+    model: nn.Module, dataset, keys: dict[str, int], cfg: JobConfig, device: torch.device, autocast, rank: int, world: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The logits float64 (N, C) and label indices (N,) of the chips in `keys` (chip_key -> row), over all workers.
+
+    Every worker scores the chips it owns (`_owner`) and puts their logits in their rows; one all-reduce sums the
+    workers' arrays, so every worker ends with all of them. Chips that never arrive (error rows) are left out.
+    """
+    n, c = len(keys), len(CLASS_NAMES)
+    logits, labels, seen = np.zeros((n, c)), np.zeros(n), np.zeros(n)
     per_worker = max(1, cfg.train.batch_size // max(1, world))
-    confusion = np.zeros((2, 2), np.int64)
-    loss_sum = 0.0
     module = model.module if hasattr(model, "module") else model
     for batch in dataset.iter_batches(batch_size=per_worker, batch_format="numpy"):
         mine = np.array([_owner(u, h, world) == rank for u, h in zip(batch["uri"], batch["hdu"], strict=True)])
         if not mine.any():
             continue
         batch = {k: v[mine] for k, v in batch.items()}
+        rows = []
+        for u, h in zip(batch["uri"], batch["hdu"], strict=True):
+            if chip_key(u, h) not in keys:
+                raise KeyError(f"validation chip {chip_key(u, h)} is not in the validation manifest's {n} chips")
+            rows.append(keys[chip_key(u, h)])
         x, y = batch_to_tensors(batch, cfg.preprocess)
         x = x.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-        logits = eval_step(module, x, autocast).cpu()
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        confusion += confusion_matrix(y.numpy(), logits.argmax(1).numpy())
-    totals = all_reduce(np.concatenate([confusion.ravel(), [loss_sum]]), device)
-    confusion = totals[:4].reshape(2, 2).astype(np.int64)
-    n = max(1, int(confusion.sum()))
-    return {
-        "test_loss": float(totals[4] / n),
-        **classification_metrics(confusion),
-        "confusion": confusion.tolist(),
-        "test_chips": int(confusion.sum()),
-    }
+        logits[rows] = eval_step(module, x, autocast).cpu().double().numpy()
+        labels[rows] = y.numpy()
+        seen[rows] = 1
+    totals = all_reduce(np.concatenate([logits.ravel(), labels, seen]), device)
+    logits, labels, seen = totals[: n * c].reshape(n, c), totals[n * c : n * c + n], totals[n * c + n :] > 0
+    return logits[seen], labels[seen].round().astype(np.int64)
+
+
+def selection_score(val_accuracy: float, val_loss: float) -> float:
+    """What chooses ``best/``: validation accuracy, ties broken by the lower validation loss (the loss, capped at 10,
+    moves the score by at most 1e-4: a tenth of one chip's share of the accuracy in a validation set of 1,000 chips)."""
+    return float(val_accuracy - 1e-5 * min(10.0, val_loss if math.isfinite(val_loss) else 10.0))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    from ray_hrc.calibration import fit_temperature
+
     cfg = config_from_dict(loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -268,7 +334,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_bf16 = cfg.train.bf16 and (device.type == "cuda" or cfg.train.cpu_bf16)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    start_epoch, history, best = 0, [], -1.0
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -278,14 +344,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if scheduler is not None and state.get("scheduler_state"):
             scheduler.load_state_dict(state["scheduler_state"])
         start_epoch, history = state["epoch"] + 1, state.get("history", [])
-        best = max((h["accuracy"] for h in history), default=-1.0)
-        if rank == 0 and "rng_state" in state:
-            _set_rng_state(state["rng_state"])
+        states = state.get("rng_state") or []
+        if isinstance(states, list) and len(states) == world:
+            set_rng_state(states[rank], rng)
+        else:
+            logger.warning("the checkpoint holds the RNG states of %d worker(s), this run has %d: fresh seeds", len(states), world)
         logger.info("rank %d resumes at epoch %d of %d", rank, start_epoch + 1, cfg.train.epochs)
 
     per_worker = cfg.train.batch_size // world
     train_shard = ray.train.get_dataset_shard("train")
-    test_ds = ray.train.get_dataset_shard("test")
+    val_ds = ray.train.get_dataset_shard("val")
+    val_keys = {key: i for i, key in enumerate(loop_config["val_keys"])}
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     bn_batches = -(-cfg.train.precise_bn_chips // cfg.train.batch_size)  # per worker: batch_size is global
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -311,22 +380,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
             recalibrate_batchnorm(module, list(bn_inputs), autocast)
         bn_inputs.clear()
         sums = all_reduce(np.array([loss_sum, n_chips, train_s]), device)
+        t_val = time.perf_counter()
+        logits, labels = evaluate(model, val_ds, val_keys, cfg, device, autocast, rank, world)
+        temperature = fit_temperature(logits, labels)
+        val = logit_metrics(logits, labels, prefix="val_")
+        val["val_ece_calibrated"] = logit_metrics(logits, labels, temperature)["ece_calibrated"]
         metrics = {
             "epoch": epoch + 1,
+            "lr": float(optimizer.param_groups[0]["lr"]),
             "train_loss": float(sums[0] / max(1, sums[1])),
             "train_chips": int(sums[1]),
             "train_chips_per_s": float(sums[1] / max(1e-9, train_s)),
-            **evaluate(model, test_ds, cfg, device, autocast, rank, world),
+            **val,
+            "temperature": temperature,
+            "val_score": selection_score(val["val_accuracy"], val["val_loss"]),
+            "train_s": train_s,
+            "val_s": time.perf_counter() - t_val,
             "epoch_s": time.perf_counter() - t0,
         }
         history.append(metrics)
-        best = max(best, metrics["accuracy"])
         if rank == 0:
             logger.info(
-                "epoch %d/%d: train loss %.4f, test loss %.4f, accuracy %.4f, F1 galaxy %.4f, F1 NSC %.4f (%.1f s)",
-                epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["test_loss"], metrics["accuracy"],
-                metrics["f1_galaxy"], metrics["f1_nsc"], metrics["epoch_s"],
+                "epoch %d/%d: train loss %.3f | val loss %.3f, accuracy %.3f, F1 galaxy %.3f, NSC %.3f, ECE %.3f -> %.3f (T %.2f) | %.0f s",
+                epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_accuracy"],
+                metrics["val_f1_galaxy"], metrics["val_f1_nsc"], metrics["val_ece"], metrics["val_ece_calibrated"], temperature,
+                metrics["epoch_s"],
             )  # fmt: skip
+        rng_states = _gather_rng_states(rng, world)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -339,7 +419,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "optimizer_state": optimizer.state_dict(),
                         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
                         "epoch": epoch,
-                        "rng_state": _rng_state(),
+                        "rng_state": rng_states,  # one per rank, in rank order
+                        "temperature": float(temperature),
                         "preprocess": cfg.preprocess.to_dict(),
                         "class_names": list(CLASS_NAMES),
                         "history": history,
@@ -349,7 +430,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(
-                {k: v for k, v in metrics.items() if k != "confusion"}, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:03d}"
+                {k: v for k, v in metrics.items() if k != "val_confusion"}, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:03d}"
             )
 
 
@@ -359,9 +440,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
 @dataclass
 class TrainOutcome:
     run_dir: str
-    best_checkpoint: str  # URI of the best checkpoint's directory (a copy at <run_dir>/best)
-    best_metrics: dict
+    best_checkpoint: str  # URI of the best checkpoint's directory (a copy at <run_dir>/best), chosen on validation
+    best_metrics: dict  # the best epoch's training and validation metrics
     history: list[dict]
+    test_metrics: dict  # the test part scored once, after training, with best/ (and, for a stability check only, the last epoch)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A run's manifests: `train` and `val` are read while training; `test` is not opened until training has ended."""
+
+    train: str
+    val: str
+    test: str
 
 
 def _abs_storage(path: str) -> str:
@@ -375,8 +466,13 @@ def _uri(checkpoint: ray.train.Checkpoint, storage_path: str) -> str:
     return path
 
 
-def prepare_manifests(cfg: JobConfig, run_dir: str) -> tuple[str, str]:
-    """Train and test manifests for the run, written into the run folder (synthesizing an archive if none is given)."""
+def prepare_manifests(cfg: JobConfig, run_dir: str) -> Splits:
+    """Train, validation and test manifests for the run, by body (synthesizing an archive if none is given).
+
+    Without ``data.test_manifest``, ``data.manifest`` is split three ways (`split_three`) and the parts are written
+    as ``train.csv``, ``val.csv`` and ``test.csv`` into the run folder. With it, ``data.manifest`` is split into
+    train and validation only, and the test manifest is not opened here (nor anywhere before training ends).
+    """
     store = Storage.at(run_dir, cfg.run.storage_options)  # the output side: the run folder
     fs, root = store.fs, store.root
     fs.makedirs(root, exist_ok=True)
@@ -389,23 +485,22 @@ def prepare_manifests(cfg: JobConfig, run_dir: str) -> tuple[str, str]:
         manifest = str(synthesize_archive(os.path.join(run_dir, "archive"), **cfg.data.synth_kwargs()))
     read = cfg.data.read
     df = read_manifest(manifest, template=read.template, storage_options=read.storage_options or None)
-    if cfg.data.test_manifest:
-        train, test = df, read_manifest(cfg.data.test_manifest, template=read.template, storage_options=read.storage_options or None)
-    else:
-        train, test = split_manifest(df, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
-    leaked = sorted(set(train["ID"]) & set(test["ID"]))
-    if leaked:
-        logger.warning("bodies %s are in both the train and test manifests: test accuracy will be optimistic", leaked)
-    paths = []
-    for name, part in (("train", train), ("test", test)):
-        if part.empty:
-            raise ConfigError(f"the {name} split of {manifest} is empty; expected chips of both labels on both sides")
-        path = f"{run_dir.rstrip('/')}/{name}.csv"
+    test_fraction = None if cfg.data.test_manifest else cfg.data.test_fraction
+    train, val, test = split_three(df, val_fraction=cfg.data.val_fraction, test_fraction=test_fraction, seed=cfg.data.split_seed)
+    paths = {}
+    for name, part in (("train", train), ("val", val), ("test", test)):
+        if part is None:
+            continue
+        if part.empty or part["Label"].nunique() < 2:
+            raise ConfigError(
+                f"the {name} part of {manifest} has {len(part)} chips of labels {sorted(set(part['Label']))}; expected both labels in "
+                "train, validation and test: each label needs at least three bodies (two with data.test_manifest)"
+            )
+        paths[name] = f"{run_dir.rstrip('/')}/{name}.csv"
         with fs.open(f"{root}/{name}.csv", "w") as fh:
             write_manifest(part, fh)
-        paths.append(path)
         logger.info("%s: %d chips of %d bodies %s", name, len(part), part["ID"].nunique(), part["Label"].value_counts().to_dict())
-    return paths[0], paths[1]
+    return Splits(paths["train"], paths["val"], cfg.data.test_manifest or paths["test"])
 
 
 def _ray_started_here() -> bool:
@@ -464,8 +559,17 @@ def _steps_per_epoch(chips: int, cfg: JobConfig) -> int:
     return max(1, -(-(chips // cfg.scaling.num_workers) // per_worker))
 
 
+def _epochs_done(fs, root: str) -> int:
+    """How many epochs the run in `root` has checkpointed (its highest ``epoch_NNN`` folder)."""
+    done = [p.rstrip("/").rsplit("epoch_", 1)[-1] for p in fs.ls(root, detail=False) if "epoch_" in p.rsplit("/", 1)[-1]]
+    return max((int(n) for n in done if n.isdigit()), default=0)
+
+
 def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
-    """Train as `cfg` says and return where the best checkpoint is. Ray must be initialised (`init_ray`)."""
+    """Train as `cfg` says, choose ``best/`` on validation, then score the test part once; returns where it all is.
+
+    Ray must be initialised (`init_ray`).
+    """
     from ray.train.torch import TorchTrainer
 
     storage = _abs_storage(cfg.run.storage_path)
@@ -477,23 +581,35 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
     if existing and not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out / run.name")
     check_resources(cfg)
-    if resume and fs.exists(f"{root}/train.csv"):
-        train_csv, test_csv = f"{run_dir}/train.csv", f"{run_dir}/test.csv"
+    if resume and fs.exists(f"{root}/train.csv") and fs.exists(f"{root}/val.csv"):
+        test = cfg.data.test_manifest or f"{run_dir}/test.csv"
+        splits = Splits(f"{run_dir}/train.csv", f"{run_dir}/val.csv", test)
     else:
-        train_csv, test_csv = prepare_manifests(cfg, run_dir)
+        splits = prepare_manifests(cfg, run_dir)
     read = cfg.data.read
     # the split's manifests live in the run folder (output side); the chips they name are read with `read` (input side)
-    files = {name: resolve_sources(path, SourceOptions(read.template, out)) for name, path in (("train", train_csv), ("test", test_csv))}
-    chips = {name: int(f["hdus"].map(len).sum()) for name, f in files.items()}
+    parts = {
+        name: read_manifest(path, template=read.template, storage_options=out)
+        for name, path in (("train", splits.train), ("val", splits.val))
+    }
+    val_keys = list(dict.fromkeys(chip_key(u, h) for u, h in zip(parts["val"]["URI"], parts["val"]["HDU Index"], strict=True)))
+    files = {
+        name: resolve_sources(path, SourceOptions(read.template, out)) for name, path in (("train", splits.train), ("val", splits.val))
+    }
     train = good_chips(read_chips(files["train"], read, shuffle_seed=cfg.train.seed))  # a new file order every epoch
-    datasets = {"train": train, "test": good_chips(read_chips(files["test"], read))}
+    datasets = {"train": train, "val": good_chips(read_chips(files["val"], read))}
     if cfg.data.cache:
-        datasets = cache_datasets(datasets, chips["train"] + chips["test"])
+        datasets = cache_datasets(datasets, len(parts["train"]) + len(parts["val"]))
         # the cached blocks, reordered every epoch
         datasets["train"] = datasets["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(cfg.train.seed))
+    done = _epochs_done(fs, root) if resume and existing else 0
+    if done:
+        # Ray Data derives each epoch's file (or block) order from the seed and how often the dataset has run; a resumed
+        # run starts that count where the stopped one left it, so epoch N sees the order it would have seen.
+        datasets["train"].context._execution_idx += done
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": _steps_per_epoch(chips["train"], cfg)},
+        train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": _steps_per_epoch(len(parts["train"]), cfg), "val_keys": val_keys},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -509,31 +625,183 @@ def run_training(cfg: JobConfig, resume: bool = False) -> TrainOutcome:
             storage_filesystem=runs.pyarrow() if runs.remote else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.run.num_to_keep, checkpoint_score_attribute="accuracy", checkpoint_score_order="max"
+                num_to_keep=cfg.run.num_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
             ),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    best = result.get_best_checkpoint("accuracy", "max") or result.checkpoint
+    with EpochPrinter(fs, root, cfg.train.epochs):
+        result = trainer.fit()
+    best = result.get_best_checkpoint("val_score", "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
     state = load_checkpoint(_uri(best, storage), out)
-    latest = load_checkpoint(_uri(result.checkpoint, storage), out) if result.checkpoint else state
-    history = latest.get("history", [])
+    last_uri = _uri(result.checkpoint, storage) if result.checkpoint else _uri(best, storage)
+    history = load_checkpoint(last_uri, out).get("history", [])
     best_dir = f"{run_dir}/best"  # a stable name for the best checkpoint (Ray's epoch_NNN folders rotate)
     if fs.exists(f"{root}/best"):
         fs.rm(f"{root}/best", recursive=True)
     fs.copy(fs._strip_protocol(_uri(best, storage)), f"{root}/best", recursive=True)
     write_run_report(run_dir, history, cfg)
+    # only now, with every epoch trained and best/ chosen, is the test manifest opened
+    test_metrics = score_test(cfg, splits, {"best": best_dir, "last": last_uri}, run_dir)
     if cfg.run.mlflow_tracking_uri:
-        log_to_mlflow(cfg, history)
-    return TrainOutcome(run_dir=run_dir, best_checkpoint=best_dir, best_metrics=state["metrics"], history=history)
+        log_to_mlflow(cfg, history, test_metrics)
+    return TrainOutcome(
+        run_dir=run_dir, best_checkpoint=best_dir, best_metrics=state["metrics"], history=history, test_metrics=test_metrics
+    )
+
+
+class EpochPrinter(threading.Thread):
+    """Logs one line per epoch in the driver, from each new ``epoch_NNN/meta.json`` in the run folder.
+
+    The workers log their epochs too, but their output reaches the driver only on a terminal (`ray_hrc.runtime.
+    init_ray`); this keeps a log readable wherever it goes. Polls every `interval` seconds (one listing).
+    """
+
+    def __init__(self, fs, root: str, epochs: int, interval: float = 2.0):
+        super().__init__(daemon=True, name="epoch-printer")
+        self.fs, self.root, self.epochs, self.interval = fs, root, epochs, interval
+        self.done: set[str] = {p for p in self._epochs()}
+        self.stop = threading.Event()
+
+    def _epochs(self) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.ls(self.root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("epoch_"))
+        except FileNotFoundError:
+            return []
+
+    def poll(self) -> None:
+        for path in self._epochs():
+            if path in self.done:
+                continue
+            try:
+                with self.fs.open(f"{path}/meta.json") as fh:
+                    m = json.load(fh)["metrics"]
+            except (FileNotFoundError, KeyError, ValueError):
+                continue  # still being written, or already rotated away
+            self.done.add(path)
+            logger.info(
+                "epoch %d/%d: train loss %.3f (%.1f chips/s) | validation loss %.3f, accuracy %.3f, ECE %.3f -> %.3f (T %.2f) | %.0f s",
+                m["epoch"], self.epochs, m["train_loss"], m["train_chips_per_s"], m["val_loss"], m["val_accuracy"], m["val_ece"],
+                m["val_ece_calibrated"], m["temperature"], m["epoch_s"],
+            )  # fmt: skip
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self) -> EpochPrinter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
+        self.poll()
+
+
+class _TestLogits:
+    """Ray Data callable: the logits of several checkpoints for preprocessed chip rows (one read of the test chips)."""
+
+    def __init__(self, checkpoints: dict[str, str], storage_options: dict | None = None):
+        from ray_hrc.predict import ChipClassifier
+
+        self.models = {name: ChipClassifier(uri, storage_options=storage_options) for name, uri in checkpoints.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ray_hrc.predict import _dense
+
+        ok = np.asarray(batch["error_class"] == "")
+        out = {k: batch[k] for k in ("uri", "hdu", "label_true", "body", "error_class")}
+        for name, model in self.models.items():
+            logits = np.full((len(ok), len(CLASS_NAMES)), np.nan)
+            if ok.any():
+                logits[ok] = model.logits(_dense(batch["image"][ok]))
+            out[f"logits_{name}"] = logits
+        return out
+
+
+def score_test(cfg: JobConfig, splits: Splits, checkpoints: dict[str, str], run_dir: str) -> dict[str, Any]:
+    """Score the test manifest once with ``checkpoints["best"]`` (and ``["last"]``, for the report's stability check).
+
+    Writes ``test_metrics.json``, ``reliability.png`` and (when the test manifest lives elsewhere) a copy of it as
+    ``test.csv`` into the run folder. Every figure of the best checkpoint is computed from its logits: accuracy, F1
+    per class, the confusion matrix, and the expected calibration error before and after its temperature.
+    """
+    from ray_hrc.calibration import reliability_bins, softmax
+    from ray_hrc.checkpoint import norm_from_checkpoint
+    from ray_hrc.plots import reliability_diagram
+
+    read = cfg.data.read
+    out = cfg.run.storage_options or None  # the run folder, its manifests and checkpoints (output side)
+    test_opts = (read.storage_options or None) if cfg.data.test_manifest else out  # a given test list is a source
+    store = Storage.at(run_dir, out)
+    fs, root = store.fs, store.root
+    test_store = Storage.at(splits.test, test_opts)
+    test_fs, test_path = test_store.fs, test_store.root
+    if not test_fs.exists(test_path):
+        raise FileNotFoundError(
+            f"test manifest {splits.test} does not exist; the model is trained (best/ in {run_dir}, chosen on validation): "
+            f"score it with `ray-hrc evaluate --checkpoint {run_dir}/best --manifest TEST.csv --out REPORT`"
+        )
+    t0 = time.perf_counter()
+    test = read_manifest(splits.test, template=read.template, storage_options=test_opts)
+    if splits.test != f"{run_dir}/test.csv":
+        with fs.open(f"{root}/test.csv", "w") as fh:
+            write_manifest(test, fh)
+    trained = set(read_manifest(splits.train, template=read.template, storage_options=out)["ID"])
+    trained |= set(read_manifest(splits.val, template=read.template, storage_options=out)["ID"])
+    leaked = sorted(trained & set(test["ID"]))
+    if leaked:
+        logger.warning("bodies %s are in the training or validation and the test manifests: test accuracy will be optimistic", leaked)
+    states = {name: load_checkpoint(uri, out) for name, uri in checkpoints.items()}
+    norm = norm_from_checkpoint(states["best"])
+    scored = read_chips(resolve_sources(splits.test, SourceOptions(read.template, test_opts)), read, norm=norm).map_batches(
+        _TestLogits,
+        fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": out},
+        batch_size=max(1, cfg.train.batch_size),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1 if not cfg.scaling.use_gpu else 0,
+        num_gpus=cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0,
+    )
+    rows = scored.take_all()
+    good = [r for r in rows if not r["error_class"]]
+    labels = label_index(np.array([r["label_true"] for r in good])) if good else np.zeros(0, np.int64)
+    out: dict[str, Any] = {"manifest": splits.test, "failed_chips": len(rows) - len(good), "leaked_bodies": leaked}
+    for name, state in states.items():
+        logits = np.stack([r[f"logits_{name}"] for r in good]) if good else np.zeros((0, len(CLASS_NAMES)))
+        temperature = float(state.get("temperature", 1.0))
+        metrics = {"epoch": int(state["epoch"]) + 1, "temperature": temperature, **logit_metrics(logits, labels, temperature)}
+        if name == "best":
+            metrics["reliability"] = {
+                "before": reliability_bins(softmax(logits), labels),
+                "after": reliability_bins(softmax(logits, temperature), labels),
+            }
+        out[name] = metrics
+    out["last_minus_best_accuracy"] = out["last"]["accuracy"] - out["best"]["accuracy"]
+    out["score_s"] = round(time.perf_counter() - t0, 1)
+    with fs.open(f"{root}/test_metrics.json", "w") as fh:
+        json.dump(out, fh, indent=2)
+    with tempfile.TemporaryDirectory() as d:
+        best = out["best"]
+        png = reliability_diagram(
+            best["reliability"]["before"], best["reliability"]["after"], os.path.join(d, "reliability.png"),
+            title=f"test, best epoch {best['epoch']}: ECE {best['ece']:.3f} -> {best['ece_calibrated']:.3f} (T = {best['temperature']:.2f})",
+        )  # fmt: skip
+        fs.put(str(png), f"{root}/reliability.png")
+    b, last = out["best"], out["last"]
+    logger.info(
+        "test (%d chips, scored once): best epoch %d accuracy %.4f, F1 galaxy %.4f, NSC %.4f, ECE %.3f -> %.3f; last epoch %d accuracy %.4f",
+        b["chips"], b["epoch"], b["accuracy"], b["f1_galaxy"], b["f1_nsc"], b["ece"], b["ece_calibrated"], last["epoch"], last["accuracy"],
+    )  # fmt: skip
+    return out
 
 
 def write_run_report(run_dir: str, history: list[dict], cfg: JobConfig) -> None:
-    """``metrics.csv`` (one row per epoch) and ``training_curves.png`` in the run folder."""
+    """``metrics.csv`` (one row per epoch: training and validation, no test columns) and ``training_curves.png``."""
     from ray_hrc.plots import training_curves
 
     store = Storage.at(run_dir, cfg.run.storage_options)
@@ -546,7 +814,7 @@ def write_run_report(run_dir: str, history: list[dict], cfg: JobConfig) -> None:
         fs.put(str(png), f"{root}/training_curves.png")
 
 
-def log_to_mlflow(cfg: JobConfig, history: list[dict]) -> None:
+def log_to_mlflow(cfg: JobConfig, history: list[dict], test_metrics: dict | None = None) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(cfg.run.mlflow_tracking_uri)
@@ -561,3 +829,5 @@ def log_to_mlflow(cfg: JobConfig, history: list[dict]) -> None:
         )
         for h in history:
             mlflow.log_metrics({k: v for k, v in h.items() if isinstance(v, (int, float)) and k != "epoch"}, step=int(h["epoch"]))
+        if test_metrics:
+            mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics["best"].items() if isinstance(v, (int, float)) and k != "epoch"})

@@ -12,6 +12,7 @@ from ray_hrc.manifest import (
     render_template,
     resolve_sources,
     split_manifest,
+    split_three,
     write_manifest,
 )
 
@@ -111,6 +112,26 @@ def test_split_cli_keeps_columns_and_adds_uri(published, tmp_path):
     raw = pd.read_csv(tmp_path / "split" / "test.csv", index_col=0)
     assert list(raw.columns) == ["ID", "Instrument", "OBSID", "Filter", "RA", "DEC", "HDU Index", "Label", "URI"]
     assert not set(train["ID"]) & set(raw["ID"])
+    val = read_manifest(str(tmp_path / "split" / "val.csv"))
+    assert not set(val["ID"]) & (set(train["ID"]) | set(raw["ID"]))
+    assert len(train) + len(val) + len(raw) == len(big)
+
+
+def test_three_way_split_by_body_stratified_validation_from_training_bodies():
+    df = _many_bodies()
+    train, val, test = split_three(df, val_fraction=0.25, test_fraction=0.2, seed=0)
+    parts = {"train": set(train["ID"]), "val": set(val["ID"]), "test": set(test["ID"])}
+    assert not parts["train"] & parts["val"] and not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
+    assert len(train) + len(val) + len(test) == len(df)
+    trained_on, _ = split_manifest(df, test_fraction=0.2, seed=0)
+    pd.testing.assert_frame_equal(pd.concat([train, val]).sort_values(["ID", "OBSID", "HDU Index"]).reset_index(drop=True),
+                                  trained_on.sort_values(["ID", "OBSID", "HDU Index"]).reset_index(drop=True))  # fmt: skip
+    for label in ("galaxy", "NSC"):
+        assert (train["Label"] == label).any() and (val["Label"] == label).any() and (test["Label"] == label).any()
+        share = (val["Label"] == label).sum() / (trained_on["Label"] == label).sum()
+        assert 0.1 <= share <= 0.4, (label, share)
+    only_val = split_three(df, val_fraction=0.25, test_fraction=None, seed=0)
+    assert only_val[2] is None and len(only_val[0]) + len(only_val[1]) == len(df)
 
 
 def test_resolve_sources_groups_chips_per_file(published, tmp_path):

@@ -116,3 +116,25 @@ def test_precise_batchnorm_replaces_lagging_running_stats_by_the_current_weights
     torch.testing.assert_close(bn.running_mean, expected_mean)
     torch.testing.assert_close(bn.running_var, expected_var)
     assert not model.training and bn.momentum == 0.1  # mode and momentum are restored
+
+
+def test_the_driver_logs_one_line_per_new_epoch_checkpoint(tmp_path, caplog):
+    import json
+    import logging
+
+    import fsspec
+
+    from ray_hrc.train import EpochPrinter
+
+    metrics = {"epoch": 1, "train_loss": 0.61, "train_chips_per_s": 4.0, "val_loss": 0.5, "val_accuracy": 0.75, "val_ece": 0.2,
+               "val_ece_calibrated": 0.05, "temperature": 1.5, "epoch_s": 30.0}  # fmt: skip
+    (tmp_path / "epoch_000_old").mkdir()  # there before training started (a resumed run): not repeated
+    printer = EpochPrinter(fsspec.filesystem("file"), str(tmp_path), epochs=2)
+    (tmp_path / "epoch_001").mkdir()
+    with caplog.at_level(logging.INFO, logger="ray_hrc.train"):
+        printer.poll()  # no meta.json yet: nothing, and tried again later
+        (tmp_path / "epoch_001" / "meta.json").write_text(json.dumps({"metrics": metrics}))
+        printer.poll()
+        printer.poll()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ray_hrc.train"]
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/2: train loss 0.610") and "accuracy 0.750" in lines[0], lines
