@@ -203,9 +203,9 @@ def test_precision_flag_reaches_the_model_stage(command: str) -> None:
     from ray_hrc.cli import _classify_configs, build_parser
 
     common = ["--checkpoint", "ck", "--out", "o"] + (["--input", "x.fits"] if command == "classify" else ["--manifest", "m.csv"])
-    _, stage = _classify_configs(build_parser().parse_args([command, *common, "--precision", "fp32"]))
+    _, stage, _ = _classify_configs(build_parser().parse_args([command, *common, "--precision", "fp32"]))
     assert stage.precision == "fp32"
-    _, stage = _classify_configs(build_parser().parse_args([command, *common]))
+    _, stage, _ = _classify_configs(build_parser().parse_args([command, *common]))
     assert stage.precision == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, *common, "--precision", "fp16"])
