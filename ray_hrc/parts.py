@@ -65,15 +65,17 @@ class ResumeRefusedError(ValueError):
 
 
 def checkpoint_id(state: dict[str, Any]) -> str:
-    """``<weights hash>-<hash of model name, args and preprocessing>``: what a part's chips were classified with.
+    """``<weights hash>-<hash of model name, args, preprocessing and temperature>``: what a part's chips were classified with.
 
-    Two checkpoints with the same weights but another preprocessing (or input shape) get different ids, so a resumed
-    run never mixes their labels.
+    Two checkpoints with the same weights but another preprocessing (or input shape), or another calibration
+    temperature (which changes every ``p_galaxy``), get different ids, so a resumed run never mixes their rows.
     """
     from ray_hrc.checkpoint import weights_hash
 
     weights = state.get("weights_hash") or weights_hash(state["model_state"])
     recipe = {"model": state["model_name"], "args": state.get("model_args") or {}, "preprocess": state.get("preprocess") or {}}
+    if float(state.get("temperature", 1.0)) != 1.0:  # uncalibrated checkpoints keep the ids they had before temperatures
+        recipe["temperature"] = float(state["temperature"])
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{weights}-{digest}"
 
