@@ -435,10 +435,12 @@ def _strict_int(value: Any) -> int:
     return int(value)
 
 
-def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan], dict[int, bytes]]:
+def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan], dict[int, bytes], FitsStructureError | None]:
     """Every HDU of a FITS file, each structural keyword checked before it is used. Never loops, never over-reads.
 
-    Returns the HDU spans and the raw header bytes of the primary and of every SCI extension. Raises
+    Returns the HDU spans, the raw header bytes of the primary and of every SCI extension, and, for a file that ends
+    inside an extension, the ``truncated`` error that stopped the walk (the complete HDUs before it are returned, so
+    a chip before the cut is still read). Raises
     `FitsStructureError` (naming `name`, the HDU and what was expected) for a file that is not FITS, a structural
     keyword that is missing, not an integer or out of range, a header with no END, a size beyond the end of the
     file, or more than `MAX_HDUS` HDUs. Bytes after the last HDU that do not begin an extension are ignored, as
@@ -461,9 +463,12 @@ def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan]
         start, cards, done = pos, {}, False
         while not done:  # the header's blocks, up to its END card
             if pos + BLOCK > size:
-                raise FitsStructureError(
+                cut = FitsStructureError(
                     "truncated", f"{where}: the file ends inside its header (no END card); the file looks truncated", index
                 )
+                if index == 0:
+                    raise cut
+                return spans, headers, cut
             if pos - start >= MAX_HEADER_BLOCKS * BLOCK:
                 raise FitsStructureError(
                     "over_limit", f"{where} has no END card in its first {MAX_HEADER_BLOCKS} header blocks (the limit)", index
@@ -512,12 +517,15 @@ def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan]
         data_bytes = abs(bitpix) // 8 * gcount * (pcount + (math.prod(counted) if counted else 0))  # exact: Python ints
         if data_bytes > left:
             declared = str(data_bytes) if data_bytes < 10**18 else f"over 10^{len(str(data_bytes)) - 1}"
-            raise FitsStructureError(
+            cut = FitsStructureError(
                 "truncated",
                 f"{where}: BITPIX = {bitpix}, NAXISn = {_shown(axes)}, PCOUNT = {pcount}, GCOUNT = {gcount} declare {declared} data "
                 f"bytes but the file has {left} left; the file looks truncated",
                 index,
             )
+            if index == 0:
+                raise cut
+            return spans, headers, cut
         end = data_start + -(-data_bytes // BLOCK) * BLOCK
         if end > size:  # the last block's padding is missing: tolerated, as astropy tolerates it
             end = size
@@ -526,7 +534,7 @@ def _walk_hdus(buffer: mmap.mmap | memoryview, name: str) -> tuple[list[HDUSpan]
         if index == 0 or extname == SCI:
             headers[index] = bytes(buffer[start:data_start])
         pos = end
-    return spans, headers
+    return spans, headers, None
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -567,6 +575,18 @@ def _gunzip(buffer: mmap.mmap | memoryview, name: str) -> bytes:
 
 
 def map_fits(source: str | bytes, name: str | None = None) -> tuple[fits.Header, list[tuple[int, MappedImage]]] | None:
+    """The primary header and the complete SCI image extensions of a local FITS file (or its bytes), or None.
+
+    See `_map_fits`; a file cut inside an extension gives the SCI extensions before the cut (`read_fits` reports the
+    missing ones as ``truncated``), or raises the ``truncated`` `FitsStructureError` when none is complete.
+    """
+    mapped = _map_fits(source, name)
+    return None if mapped is None else mapped[:2]
+
+
+def _map_fits(
+    source: str | bytes, name: str | None = None
+) -> tuple[fits.Header, list[tuple[int, MappedImage]], FitsStructureError | None] | None:
     """The primary header and every SCI image extension of a local FITS file (or its bytes), or None.
 
     The fast path of `read_fits`, and its guard: `_walk_hdus` checks the whole structure first, reading only the
@@ -591,7 +611,7 @@ def map_fits(source: str | bytes, name: str | None = None) -> tuple[fits.Header,
         return None
     if bytes(buffer[:2]) == GZIP_MAGIC:  # a .fits.gz: walked (and mapped) once decompressed, under a cap
         buffer = memoryview(_gunzip(buffer, label))
-    spans, headers = _walk_hdus(buffer, label)
+    spans, headers, cut = _walk_hdus(buffer, label)
     primary, scis = None, []
     for span in spans:
         if span.index not in headers:
@@ -610,7 +630,9 @@ def map_fits(source: str | bytes, name: str | None = None) -> tuple[fits.Header,
         shape = tuple(reversed(span.axes))
         stored = np.ndarray(shape, _DATA_DTYPES[span.bitpix], buffer, span.data_start) if span.axes else np.zeros(0)
         scis.append((span.index, MappedImage(header, stored)))
-    return primary, scis
+    if cut is not None and not scis:
+        raise cut
+    return primary, scis, cut
 
 
 def read_fits(
@@ -650,12 +672,12 @@ def _read_fits(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         try:
-            mapped = map_fits(source, name)
+            mapped = _map_fits(source, name)
         except FitsStructureError as exc:  # certainly not valid FITS: refused before astropy sees it
             return [ChipError(uri, h, exc.error_class, str(exc)) for h in wanted]
         if mapped is not None:
-            primary, scis = mapped
-            return _read_selected(primary, scis, False, hdus, uri, name)
+            primary, scis, cut = mapped
+            return _read_selected(primary, scis, cut is not None, hdus, uri, name)
     try:
         hdul = _open_checked(source, uri, storage_options)
     except ChipReadError as exc:

@@ -168,7 +168,7 @@ def test_one_bad_chip_does_not_lose_the_other(tmp_path):
 
 
 def _astropy_only(monkeypatch):
-    monkeypatch.setattr(chips, "map_fits", lambda source, name=None: None)
+    monkeypatch.setattr(chips, "_map_fits", lambda source, name=None: None)
 
 
 @pytest.mark.parametrize("name", ["ACS/WFC", "WFC3/UVIS"])
