@@ -12,7 +12,7 @@ import torch
 
 from ray_hrc.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, to_plain
 from ray_hrc.models import build_model
-from ray_hrc.train import _rng_state, _set_rng_state
+from ray_hrc.train import rng_state, set_rng_state
 
 ARGS = {"width": 0.0625, "input_shape": [2048, 4096]}
 
@@ -26,8 +26,9 @@ def test_a_training_checkpoint_round_trips_under_weights_only(tmp_path):
     np.random.seed(3)
     random.seed(3)
     torch.manual_seed(3)
-    rng = _rng_state()
-    expected = (np.random.random(3), random.random(), torch.rand(2))
+    augment = np.random.default_rng(7)  # the augmentation generator goes into the checkpoint too
+    rng = rng_state(augment)
+    expected = (np.random.random(3), random.random(), torch.rand(2), augment.random(2))
     save_checkpoint(
         str(tmp_path),
         _state(rng_state=rng, history=[{"accuracy": np.float64(0.5), "confusion": np.eye(2, dtype=np.int64)}], epoch=np.int64(4)),
@@ -38,9 +39,11 @@ def test_a_training_checkpoint_round_trips_under_weights_only(tmp_path):
     np.random.seed(0)
     random.seed(0)
     torch.manual_seed(0)
-    _set_rng_state(state["rng_state"])  # the saved RNG states give the same draws again
-    got = (np.random.random(3), random.random(), torch.rand(2))
+    augment = np.random.default_rng(0)
+    set_rng_state(state["rng_state"], augment)  # the saved RNG states give the same draws again
+    got = (np.random.random(3), random.random(), torch.rand(2), augment.random(2))
     np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[3], expected[3])
     assert got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
