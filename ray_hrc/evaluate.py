@@ -237,6 +237,9 @@ def sky_report(catalog: pd.DataFrame, out: str | Path, *, title: str = "") -> pd
     from ray_hrc.plots import sky_map
 
     out = Path(out)
+    # a catalog written without the file metadata (by hand, or an older run) has chips with no target and no position
+    defaults = {"targname": "", "ra": np.nan, "dec": np.nan}
+    catalog = catalog.assign(**{k: v for k, v in defaults.items() if k not in catalog})
     targets = target_summary(catalog)
     sky_map(catalog, out / "sky.png", title=title)
     targets.to_csv(out / "targets.csv", index=False)
