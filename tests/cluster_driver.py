@@ -53,7 +53,8 @@ def train(address: str, config: str, manifest: str, out: str) -> dict:
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True).start()
-    cfg = load_config(config, [f"data.manifest={manifest}", f"run.storage_path={out}", "run.name=cluster", "data.test_fraction=0.3"])
+    overrides = [f"run.storage_path={out}", "run.name=cluster"] + ([f"data.manifest={manifest}"] if manifest else [])
+    cfg = load_config(config, overrides)  # no manifest: the config's own synthetic archive (smoke: 6 bodies, 3 splits)
     outcome = run_training(cfg)
     stop.set()
     return {"nodes_before": before, "cpus_before": cpus, "nodes_peak": max(peak), "epochs": [h["epoch"] for h in outcome.history],

@@ -188,12 +188,12 @@ def test_autoscaling_brings_up_workers_from_a_head_alone(tiny_archive, random_ch
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_training_waits_for_workers_on_a_head_with_no_cpu(tiny_archive, tmp_path):
+def test_training_waits_for_workers_on_a_head_with_no_cpu(tmp_path):
     """The README's cluster shape: `ray job submit` of a training job to a head with CPU 0, workers scaling from zero.
     The job joins the cluster (as a submitted job does) and must wait for the autoscaler's worker, not refuse to run."""
     out = tmp_path / "runs"
     with _autoscaling_head(tmp_path, worker_cpus=2) as address:
-        result = _run_driver("train", address, str(ROOT / "configs/smoke.yaml"), str(tiny_archive), str(out), timeout=540)
+        result = _run_driver("train", address, str(ROOT / "configs/smoke.yaml"), "", str(out), timeout=540)
     assert result["nodes_before"] == 1 and result["cpus_before"] == 0  # the head alone, no CPU for the job at submit time
     assert result["nodes_peak"] >= 2  # a worker node joined for it
     assert result["epochs"] == [1]

@@ -199,21 +199,23 @@ def test_classify_reads_anonymously_and_writes_where_anonymous_writes_are_refuse
 
 
 @pytest.mark.timeout(600)
-def test_training_writes_its_run_to_a_bucket_that_refuses_anonymous_writes(ray_session, tiny_archive, private_s3):
+def test_training_writes_its_run_to_a_bucket_that_refuses_anonymous_writes(ray_session, private_s3, tmp_path):
     """The run folder, Ray Train's checkpoints (through the same filesystem object), the split's manifests and the
     report go to your bucket with run.storage_options; the sources are read with data.read's (here: local files)."""
     from ray_hrc.config import load_config
+    from ray_hrc.synth import synthesize_archive
     from ray_hrc.train import run_training
 
     out_endpoint, writer = private_s3
     out = {**writer, "client_kwargs": {"endpoint_url": out_endpoint}}
     smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
-    cfg = load_config(smoke, [f"data.manifest={tiny_archive}", f"run.storage_path=s3://{PRIVATE}/runs", "run.name=smoke",
-                              "data.test_fraction=0.3", "data.read.storage_options={anon: true}"])  # fmt: skip
+    archive = synthesize_archive(tmp_path / "archive", **load_config(smoke).data.synth_kwargs())  # 6 bodies: train, val, test
+    cfg = load_config(smoke, [f"data.manifest={archive}", f"run.storage_path=s3://{PRIVATE}/runs", "run.name=smoke",
+                              "data.read.storage_options={anon: true}"])  # fmt: skip
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage_options=out))
     outcome = run_training(cfg)
     assert outcome.best_checkpoint == f"s3://{PRIVATE}/runs/smoke/best"
     mine = _fs(out_endpoint, **writer)
     names = {p.rsplit("/", 1)[-1] for p in mine.ls(f"{PRIVATE}/runs/smoke")}
-    assert {"train.csv", "test.csv", "metrics.csv", "training_curves.png", "best", "epoch_001"} <= names, names
+    assert {"train.csv", "val.csv", "test.csv", "metrics.csv", "training_curves.png", "best", "epoch_001"} <= names, names
     assert load_checkpoint(outcome.best_checkpoint, out)["epoch"] == 0
