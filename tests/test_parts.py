@@ -24,6 +24,7 @@ from ray_hrc.parts import (
     write_index_segment,
     write_part,
 )
+from ray_hrc.storage import OutputConfig
 
 COLUMNS = ["uri", "hdu", "obsid", "label", "p_galaxy"]
 
@@ -164,5 +165,12 @@ def test_overwrite_refuses_a_bucket_root_with_other_objects(s3_bucket, random_ch
     fs.pipe(f"{bucket}/archive/jabc01abq_raw.fits", b"someone's data")
     fs.pipe(f"{bucket}/catalog.parquet", b"an old catalog")
     with pytest.raises(ResumeRefusedError, match=r"--overwrite refused: .*archive"):
-        classify_archive([f"{bucket}/none.fits"], random_checkpoint, bucket, read=ReadConfig(storage_options=opts), overwrite=True)
+        classify_archive(
+            [f"{bucket}/none.fits"],
+            random_checkpoint,
+            bucket,
+            read=ReadConfig(storage_options=opts),
+            output=OutputConfig(opts),
+            overwrite=True,
+        )
     assert fs.exists(f"{bucket}/archive/jabc01abq_raw.fits") and fs.exists(f"{bucket}/catalog.parquet")
