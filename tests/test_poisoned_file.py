@@ -45,11 +45,11 @@ def _read_or_die(attempts_dir: str):
     """The read task's function: `chip_rows` for every file, a worker crash (after a marker file) for the poisoned one."""
     real_chip_rows = ray_hrc.data.chip_rows
 
-    def read_or_die(file, storage_options=None, norm=None, data=None):
+    def read_or_die(file, storage_options=None, norm=None, data=None, fetch=None):
         if file["uri"].endswith(POISONED):
             Path(attempts_dir, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
             os._exit(1)  # the process dies mid-task: no exception, no error row, as a segfault or the OOM killer would
-        return real_chip_rows(file, storage_options, norm, data)
+        return real_chip_rows(file, storage_options, norm, data, fetch)
 
     return read_or_die
 
