@@ -19,10 +19,8 @@ def _alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"])
 
 
-def autoscale(address: str, manifest: str, checkpoint: str, out: str) -> dict:
-    """Join an autoscaling cluster whose head has no CPU; classification's requests must bring up workers."""
-    ray.init(address=address)
-    before = _alive_nodes()
+def _watch_nodes(before: int) -> tuple[list[int], threading.Event]:
+    """Count the alive nodes every half second in a daemon thread, until the event is set: (counts so far, event)."""
     peak, stop = [before], threading.Event()
 
     def watch():
@@ -31,6 +29,14 @@ def autoscale(address: str, manifest: str, checkpoint: str, out: str) -> dict:
             time.sleep(0.5)
 
     threading.Thread(target=watch, daemon=True).start()
+    return peak, stop
+
+
+def autoscale(address: str, manifest: str, checkpoint: str, out: str) -> dict:
+    """Join an autoscaling cluster whose head has no CPU; classification's requests must bring up workers."""
+    ray.init(address=address)
+    before = _alive_nodes()
+    peak, stop = _watch_nodes(before)
     summary = classify_archive(
         [manifest], checkpoint, out, read=ReadConfig(num_cpus=1), config=ClassifyConfig(cpus_per_actor=1, max_actors=1, use_gpu=False)
     )
@@ -45,14 +51,7 @@ def train(address: str, config: str, manifest: str, out: str) -> dict:
 
     ray.init(address=address)
     before, cpus = _alive_nodes(), ray.cluster_resources().get("CPU", 0)
-    peak, stop = [before], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak.append(_alive_nodes())
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, daemon=True).start()
+    peak, stop = _watch_nodes(before)
     overrides = [f"run.storage_path={out}", "run.name=cluster"] + ([f"data.manifest={manifest}"] if manifest else [])
     cfg = load_config(config, overrides)  # no manifest: the config's own synthetic archive (smoke: 6 bodies, 3 splits)
     outcome = run_training(cfg)
