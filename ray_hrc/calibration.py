@@ -15,11 +15,20 @@ import torch
 ECE_BINS = 10
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100) -> float:
-    """The temperature that minimises the NLL of ``softmax(logits / T)`` on (`logits` float (N, C), `labels` int (N,)).
+PRIOR_SIGMA = 1.0
+"""Standard deviation of the prior on log T (centred on T = 1, no change): see `fit_temperature`."""
 
-    Optimised over log T with L-BFGS (T stays positive); 1.0 (no change) when there are no logits. The result is
-    clipped to [0.05, 20]: a validation set the model separates perfectly would otherwise drive T towards 0.
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100, prior_sigma: float | None = PRIOR_SIGMA) -> float:
+    """The temperature T that best explains (`logits` float (N, C), `labels` int (N,)) as ``softmax(logits / T)``.
+
+    The maximum a posteriori T: the summed NLL of the chips plus a normal prior on log T, mean 0 (T = 1) and standard
+    deviation `prior_sigma` (None: none, the plain maximum likelihood of Guo et al.). Without it a validation set the
+    model separates perfectly drives T towards 0 (every probability to 0 or 1), as the demo's seed 1 did (T ran to the
+    old lower bound, 0.05, and the test ECE got worse, 0.105 -> 0.143). With it, T moves only as far as the chips pull:
+    with tens of chips that are not separated the NLL outweighs the prior (T = 0.2 costs it 1.3 nats), with a few
+    separated ones it holds T near their margins. Optimised over log T with L-BFGS; 1.0 when there are no logits;
+    clipped to [0.05, 20].
     """
     if len(labels) == 0:
         return 1.0
@@ -30,7 +39,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y, reduction="sum")
+        if prior_sigma is not None:
+            loss = loss + 0.5 * (log_t.squeeze() / prior_sigma) ** 2
         loss.backward()
         return loss
 

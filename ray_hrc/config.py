@@ -77,6 +77,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last memory format on GPU
     checkpoint_large: bool = False  # activation checkpointing of the large-size component (conv1-conv3)
     shuffle_buffer: int = 8  # chips held per worker for local shuffling
+    sync_bn: bool = True  # BatchNorm statistics over every worker's chips of a step (the global batch), not each worker's own: nn.SyncBatchNorm on GPUs, ray_hrc.models.syncbn on CPUs
     precise_bn_chips: int = 0  # before each evaluation, recompute BatchNorm statistics with the epoch's final weights from this many of its last training chips (all workers together); 0 keeps the running averages
 
 

@@ -40,6 +40,7 @@ from ray_hrc.config import AugmentConfig, ConfigError, JobConfig, TrainConfig, c
 from ray_hrc.data import good_chips, read_chips
 from ray_hrc.manifest import SourceOptions, read_manifest, resolve_sources, split_three, write_manifest
 from ray_hrc.models import build_model
+from ray_hrc.models.syncbn import local_batchnorm, sync_batchnorm
 from ray_hrc.preprocess import NormConfig, normalise
 from ray_hrc.storage import Storage
 
@@ -125,7 +126,7 @@ def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor], autocas
     and takes the mean of the batch statistics over `inputs` (`torch.optim.swa_utils.update_bn`, in train mode, no
     gradients), then averages them across data-parallel workers. Every worker must call it (it all-reduces).
     """
-    with autocast():
+    with autocast(), local_batchnorm(module):  # each worker its own chips (and its own count of them); averaged below
         torch.optim.swa_utils.update_bn(inputs, module)
     stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
     if stats and _world_size() > 1:
@@ -319,6 +320,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_model(cfg.model.name, **cfg.model.kwargs)
     model_args = dict(getattr(model, "model_args", cfg.model.kwargs))
+    if cfg.train.sync_bn and world > 1:
+        model = sync_batchnorm(model, device)  # the statistics of batch_size chips, not of batch_size / world
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -757,10 +760,12 @@ def score_test(cfg: JobConfig, splits: Splits, checkpoints: dict[str, str], run_
     if leaked:
         logger.warning("bodies %s are in the training or validation and the test manifests: test accuracy will be optimistic", leaked)
     states = {name: load_checkpoint(uri, out) for name, uri in checkpoints.items()}
+    # checkpoints of the same epoch (best/ is the last epoch) are the same weights: one forward pass serves both
+    same_as = {name: next(n for n in states if states[n]["epoch"] == state["epoch"]) for name, state in states.items()}
     norm = norm_from_checkpoint(states["best"])
     scored = read_chips(resolve_sources(splits.test, SourceOptions(read.template, test_opts)), read, norm=norm).map_batches(
         _TestLogits,
-        fn_constructor_kwargs={"checkpoints": checkpoints, "storage_options": out},
+        fn_constructor_kwargs={"checkpoints": {n: checkpoints[n] for n in set(same_as.values())}, "storage_options": out},
         batch_size=max(1, cfg.train.batch_size),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -772,7 +777,7 @@ def score_test(cfg: JobConfig, splits: Splits, checkpoints: dict[str, str], run_
     labels = label_index(np.array([r["label_true"] for r in good])) if good else np.zeros(0, np.int64)
     out: dict[str, Any] = {"manifest": splits.test, "failed_chips": len(rows) - len(good), "leaked_bodies": leaked}
     for name, state in states.items():
-        logits = np.stack([r[f"logits_{name}"] for r in good]) if good else np.zeros((0, len(CLASS_NAMES)))
+        logits = np.stack([r[f"logits_{same_as[name]}"] for r in good]) if good else np.zeros((0, len(CLASS_NAMES)))
         temperature = float(state.get("temperature", 1.0))
         metrics = {"epoch": int(state["epoch"]) + 1, "temperature": temperature, **logit_metrics(logits, labels, temperature)}
         if name == "best":

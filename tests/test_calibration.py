@@ -35,6 +35,21 @@ def test_fitted_temperature_recovers_the_true_one_and_lowers_ece():
     assert fit_temperature(np.zeros((0, 2)), np.zeros(0, np.int64)) == 1.0
 
 
+def test_a_perfectly_separated_validation_set_does_not_drive_the_temperature_to_zero():
+    """The demo's seed 1: 24 validation chips all right with small margins; maximum likelihood sends T to its bound."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(24) % 2
+    margin = rng.uniform(0.3, 1.5, 24)
+    logits = np.stack([np.where(labels == 0, margin, 0.0), np.where(labels == 1, margin, 0.0)], axis=1)
+    assert fit_temperature(logits, labels, prior_sigma=None) == 0.05  # the old fit: every probability to 0 or 1
+    t = fit_temperature(logits, labels)
+    assert 0.1 < t < 0.6, t  # sharper than T = 1 (the chips are all right) but not to certainty
+    # with many chips that are not separated the prior changes nothing that matters
+    logits, labels = _overconfident(n=400, seed=3)
+    ml, map_ = fit_temperature(logits, labels, prior_sigma=None), fit_temperature(logits, labels)
+    assert map_ == pytest.approx(ml, rel=0.05)
+
+
 def test_ece_and_reliability_bins_by_hand():
     probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.4, 0.6]])
     labels = np.array([0, 1, 1, 1])

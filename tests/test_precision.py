@@ -4,10 +4,13 @@ The agreement test classifies the same chips with the one predictor (`ChipClassi
 with seeded random weights puts every chip near p_galaxy 0.5, where any precision agrees; so the last layer is set
 from the model's own float32 features to spread the chips' logit margins over about -5..5 (p_galaxy from about 0.01
 to 0.99), and the test checks that spread before it compares. The chips are the smallest the model takes,
-1322 x 1322, on every machine: on CPUs without native bf16 the bf16 forward is emulated and slow.
+1322 x 1322, on every machine: on CPUs without native bf16 the bf16 forward is emulated and slow. A second test
+holds a trained model (the demo's, `tests/data/demo_checkpoint`) to the issue's 0.01 on full chips.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,8 +35,8 @@ N_CHIPS = 8
 P_TOLERANCE = 0.05
 """Largest |p_galaxy(bf16) - p_galaxy(fp32)| allowed. Issue 16 asks for 0.01; this construction (a random network's
 features read along their first principal component, margins spread over -5..5) measured 0.038 on an Intel Xeon with
-AMX and 0.041 with oneDNN held to AVX2 (DNNL_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), so 0.01 is not met on it;
-see the README."""
+AMX and 0.041 with oneDNN held to AVX2 (DNNL_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), so 0.01 is not met on it.
+The trained model of `test_bf16_classifies_a_trained_model_like_fp32_within_0_01` is held to 0.01."""
 
 
 @pytest.mark.parametrize(
@@ -231,3 +234,32 @@ def test_cpu_bf16_autocast_training_step() -> None:
         losses[name] = train_step(model, optimizer, x, y, autocast)
         assert model.fc3.weight.dtype == torch.float32 and not torch.equal(model.fc3.weight, before)
     assert np.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["fp32"]) < 0.05, losses
+
+
+TRAINED_CHECKPOINT = Path(__file__).parent / "data" / "demo_checkpoint"
+"""The demo's `best/` (archive and training seed 0, width 1/16, 6 epochs; the optimizer state dropped: 1.5 MB)."""
+
+
+def test_bf16_classifies_a_trained_model_like_fp32_within_0_01(tiny_archive) -> None:
+    """Issue 16's check on a trained model: every chip of an archive it never saw, full 2048 x 4096 chips, both
+    precisions of the one predictor: the same label everywhere and |p_galaxy difference| under 0.01. (Measured on the
+    demo's 54 test chips: at most 0.0031.) On CPUs without native bf16 the bf16 forward is emulated: slower, same check."""
+    from ray_hrc.chips import Chip, read_fits
+    from ray_hrc.manifest import read_manifest
+    from ray_hrc.preprocess import normalise
+
+    manifest = read_manifest(str(tiny_archive))
+    images = []
+    for uri, hdu in zip(manifest["URI"], manifest["HDU Index"], strict=True):
+        chip = read_fits(uri, hdus=[int(hdu)])[0]
+        assert isinstance(chip, Chip), chip
+        images.append(normalise(chip.pixels, chip.amp_bias, NormConfig()))
+    chips = np.stack(images)
+    fp32 = ChipClassifier(str(TRAINED_CHECKPOINT), device="cpu", precision="fp32")
+    bf16 = ChipClassifier(str(TRAINED_CHECKPOINT), device="cpu", precision="bf16")
+    a, b = fp32(_batch(chips)), bf16(_batch(chips))
+    difference = np.abs(b["p_galaxy"] - a["p_galaxy"])
+    print(f"p_galaxy fp32 {np.round(a['p_galaxy'], 4)}; max |difference| {difference.max():.4f}")
+    np.testing.assert_array_equal(b["label"], a["label"])
+    assert difference.max() < 0.01, f"p_galaxy fp32 {a['p_galaxy']}, bf16 {b['p_galaxy']}"
+    assert difference.max() > 0, "bf16 gave bit-identical probabilities: it did not run in bf16"
