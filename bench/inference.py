@@ -79,12 +79,13 @@ def _conv_gflop(shapes: list) -> float | None:
 
 
 def _full_resolution(shapes: str, side: int = 2000) -> bool:
-    """Whether an operator's first input is chip-sized (both spatial sides at least `side`)."""
+    """Whether an operator's first input is at the chip's full resolution: chip-wide (at least `side` columns), the whole
+    chip or one of the row strips the stem runs in (`ray_hrc.models.inference.RowStrips`)."""
     import ast
 
     try:
         first = ast.literal_eval(shapes)[0]
-        return len(first) == 4 and min(first[2:]) >= side
+        return len(first) == 4 and first[3] >= side
     except (ValueError, SyntaxError, IndexError, TypeError):
         return False
 
@@ -115,6 +116,7 @@ def profile_table(model: nn.Module, x: torch.Tensor) -> list[dict]:
         if "convolution" in e.key and e.key not in CONV_WRAPPERS and e.self_cpu_time_total > 0:
             gflop = _conv_gflop(e.input_shapes)
             if gflop:
+                gflop *= e.count  # the stem's row strips call it many times with one shape
                 row["gflop"] = gflop
                 row["gflops"] = gflop / (e.self_cpu_time_total / 1e6)
         rows.append(row)

@@ -176,7 +176,8 @@ def test_prepared_bf16_model_matches_fp32_on_random_weights(float32_stem: bool) 
     model = build_model("hrcelestialnet", width=0.0625, input_shape=[MIN_INPUT_SIDE, MIN_INPUT_SIDE]).eval()
     x = torch.randn(2, 1, MIN_INPUT_SIDE, MIN_INPUT_SIDE)
     prepared = prepare_for_inference(model, dtype=torch.bfloat16, float32_stem=float32_stem)
-    assert prepared.conv1[0][0].weight.dtype == torch.float32 if float32_stem else prepared.conv1[0].weight.dtype == torch.bfloat16
+    stem = prepared.conv1.block  # conv1 runs in row strips (RowStrips) on CPU
+    assert stem[0][0].weight.dtype == torch.float32 if float32_stem else stem[0].weight.dtype == torch.bfloat16
     with torch.inference_mode():
         expected = model(x)
         got = prepared((x if float32_stem else x.to(torch.bfloat16)).contiguous(memory_format=torch.channels_last))
@@ -263,3 +264,35 @@ def test_bf16_classifies_a_trained_model_like_fp32_within_0_01(tiny_archive) -> 
     np.testing.assert_array_equal(b["label"], a["label"])
     assert difference.max() < 0.01, f"p_galaxy fp32 {a['p_galaxy']}, bf16 {b['p_galaxy']}"
     assert difference.max() > 0, "bf16 gave bit-identical probabilities: it did not run in bf16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stem_in_row_strips_gives_the_same_numbers(dtype, monkeypatch) -> None:
+    """`RowStrips` runs conv1 and its pool strip by strip (in cache); the logits are bit-identical to the whole stem's."""
+    from ray_hrc.models import inference
+
+    monkeypatch.setattr(inference, "STRIP_BYTES", 2**20)  # many strips, a last one shorter than the others
+    model = build_model("hrcelestialnet", width=0.0625, input_shape=[MIN_INPUT_SIDE + 37, MIN_INPUT_SIDE]).eval()
+    strips = prepare_for_inference(model, dtype=dtype)
+    assert isinstance(strips.conv1, inference.RowStrips) and (strips.conv1.stride, strips.conv1.span) == (4, 14)
+    whole = prepare_for_inference(model, dtype=dtype)
+    whole.conv1 = whole.conv1.block
+    x = torch.rand(2, 1, MIN_INPUT_SIDE + 37, MIN_INPUT_SIDE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        stem_rows = strips.conv1(x).shape[2]
+        assert stem_rows == (MIN_INPUT_SIDE + 37 - 14) // 4 + 1
+        assert 2**20 // (4 * 2 * MIN_INPUT_SIDE * 2 * 4) < stem_rows  # it did cut the chip into strips
+        torch.testing.assert_close(strips(x), whole(x), rtol=0, atol=0)
+
+
+def test_row_strips_leave_other_stems_alone() -> None:
+    from torchvision.models import resnet18
+
+    from ray_hrc.models.inference import RowStrips, _row_geometry
+
+    net = resnet18(num_classes=2)
+    net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    prepared = prepare_for_inference(net)
+    assert not any(isinstance(m, RowStrips) for m in prepared.modules())  # stride 2 and padding 3: not row-separable here
+    assert _row_geometry(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2))) is None
+    assert _row_geometry(nn.Sequential(nn.Conv2d(1, 2, 5), nn.ReLU(), nn.MaxPool2d(4, 2))) == (2, 8)
