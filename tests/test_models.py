@@ -339,7 +339,7 @@ def test_prepare_for_inference_gives_the_same_logits() -> None:
     model, x = _small_model("hrcelestialnet")
     _randomise_batchnorm(model)
     prepared = prepare_for_inference(model)
-    assert not prepared.training and prepared.conv2[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not prepared.training and prepared.conv2.block[0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = model.eval()(x)
         tolerance = {"rtol": 1e-4, "atol": 1e-4 * expected.abs().max().item()}

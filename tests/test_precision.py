@@ -275,8 +275,11 @@ def test_the_stem_in_row_strips_gives_the_same_numbers(dtype, monkeypatch) -> No
     model = build_model("hrcelestialnet", width=0.0625, input_shape=[MIN_INPUT_SIDE + 37, MIN_INPUT_SIDE]).eval()
     strips = prepare_for_inference(model, dtype=dtype)
     assert isinstance(strips.conv1, inference.RowStrips) and (strips.conv1.stride, strips.conv1.span) == (4, 14)
+    assert isinstance(strips.conv2, inference.RowStrips) and (strips.conv2.stride, strips.conv2.span) == (2, 10)
     whole = prepare_for_inference(model, dtype=dtype)
-    whole.conv1 = whole.conv1.block
+    for name, child in list(whole.named_children()):
+        if isinstance(child, inference.RowStrips):
+            setattr(whole, name, child.block)
     x = torch.rand(2, 1, MIN_INPUT_SIDE + 37, MIN_INPUT_SIDE).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         stem_rows = strips.conv1(x).shape[2]
