@@ -190,7 +190,7 @@ class CastTo(nn.Module):
 
 
 STRIP_BYTES = 16 * 2**20
-"""Size of one strip of the stem's full-resolution output in `RowStrips` (float32 bytes). Measured on an Intel Xeon
+"""Size of one strip of a block's convolution output in `RowStrips` (counted as float32 bytes). Measured on an Intel Xeon
 (2 cores, AMX), HR-CelestialNet's float32 stem at width 1 on a 2048 x 4096 chip: 742-769 ms whole, 456 / 329 / 283 ms
 in strips of 2 / 4 / 8 pooled rows (about 4.7 / 8.4 / 19 MB of conv1 output), bit-identical."""
 
