@@ -29,7 +29,7 @@ test-deps:
 	|| echo "missing test tools (not root?): install the Debian packages $$missing, or their tests fail"
 
 test: $(STAMP) test-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
