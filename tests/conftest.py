@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -64,6 +65,15 @@ def s3_bucket(s3_server):
     client.create_bucket(Bucket=name)
     yield f"s3://{name}", s3_server
     s3fs.S3FileSystem(**s3_server).rm(name, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A folder for one module's shared files (synthetic archives of hundreds of MB), removed when the module ends, so
+    that a full run never holds every module's archives on disk at once."""
+    directory = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

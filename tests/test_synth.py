@@ -27,9 +27,9 @@ COLUMNS = ["ID", "Instrument", "OBSID", "Filter", "RA", "DEC", "HDU Index", "Lab
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
+def archive(module_tmp) -> Path:
     """One archive for the whole module, written by two worker processes; returns its manifest's path."""
-    out = tmp_path_factory.mktemp("synth")
+    out = module_tmp / "synth"
     return synth.synthesize_archive(out, bodies=BODIES, seed=SEED, files_per_body=(2, 2), workers=2)
 
 

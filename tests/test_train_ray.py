@@ -42,11 +42,11 @@ def _kill_a_worker_after(path: Path, done: threading.Event, killed: list) -> Non
 
 
 @pytest.fixture(scope="module")
-def six_bodies(tmp_path_factory):
+def six_bodies(module_tmp):
     """A synthetic archive of 6 bodies, 3 of each class, one file each: enough for train, validation and test by body."""
     from ray_hrc.synth import synthesize_archive
 
-    return synthesize_archive(tmp_path_factory.mktemp("six_bodies"), bodies=6, seed=2, files_per_body=(1, 1), workers=2)
+    return synthesize_archive(module_tmp / "six_bodies", bodies=6, seed=2, files_per_body=(1, 1), workers=2)
 
 
 def test_train_resume_at_next_epoch_and_survive_a_killed_worker(ray_session, six_bodies, tmp_path):
