@@ -6,7 +6,8 @@ separate layers, ``torch.no_grad()``. Project path: `ray_hrc.predict.ChipClassif
 call that ``ray-hrc classify`` and the Serve deployment make (BatchNorm folded, pools before ReLUs, channels_last,
 ``torch.inference_mode``), from a checkpoint on disk, fed the float16 normalised chip that Ray Data hands it: once
 with ``precision="fp32"`` ("project") and, where the CPU has native bf16 matrix instructions (AMX or AVX-512 BF16,
-`ray_hrc.models.choose_precision`), once with ``precision="bf16"`` ("bf16": bf16 weights, float32 stem), which is
+`ray_hrc.models.choose_precision`), once with ``precision="bf16"`` ("bf16": bf16 weights, the stem at float32 accuracy through
+`ray_hrc.models.inference.split_conv`), which is
 what "auto" picks there. The bf16 path with ``compile=True`` (torch.compile) is timed as well, with its compile
 time, to say whether it pays.
 
@@ -118,6 +119,7 @@ def profile_table(model: nn.Module, x: torch.Tensor) -> list[dict]:
             if gflop:
                 gflop *= e.count  # the stem's row strips call it many times with one shape
                 row["gflop"] = gflop
+                row["in_channels"] = int(e.input_shapes[1][1])
                 row["gflops"] = gflop / (e.self_cpu_time_total / 1e6)
         rows.append(row)
     rows.sort(key=lambda r: r["self_ms"], reverse=True)
@@ -159,7 +161,8 @@ def measure(
     bf16 = ChipClassifier(checkpoint, device="cpu", precision="bf16") if features else None
     if bf16 is not None:
         paths["bf16"] = lambda: bf16.probabilities(batch)
-        # the same with the stem in bf16 too (prepare_for_inference(float32_stem=False)): what the float32 stem costs
+        # the same with the stem's input in plain bf16 too (prepare_for_inference(float32_stem=False)): what float32
+        # accuracy in the stem costs
         from ray_hrc.models import prepare_for_inference
 
         bf16_stem = prepare_for_inference(reference, dtype=torch.bfloat16, float32_stem=False)
@@ -250,6 +253,10 @@ def measure(
         out["profile_conv_ms"] = conv_ms
         out["profile_conv_gflops"] = 2 * macs["conv"] / (conv_ms / 1e3) / 1e9 if conv_ms else None
         out["profile_stem_ms"] = sum(r["self_ms"] for r in stem)
-        out["profile_conv1_gflops"] = sum(r["gflop"] for r in conv1) / (sum(r["self_ms"] for r in conv1) / 1e3) if conv1 else None
+        conv1_s = sum(r["self_ms"] for r in conv1) / 1e3
+        # conv1 reads one channel; in bf16 it runs as `split_conv`, four input channels (hi, hi, lo, 1): the executed
+        # rate counts those, the model's rate the one channel's multiply-adds
+        out["profile_conv1_executed_gflops"] = sum(r["gflop"] for r in conv1) / conv1_s if conv1 else None
+        out["profile_conv1_gflops"] = sum(r["gflop"] / r["in_channels"] for r in conv1) / conv1_s if conv1 else None
         out["profile_other_conv_gflops"] = sum(r["gflop"] for r in rest) / (sum(r["self_ms"] for r in rest) / 1e3) if rest else None
     return out

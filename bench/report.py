@@ -106,7 +106,8 @@ def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
     )
     if i.get("cpu_forward_bf16_stem_s_per_chip"):
         f.notes.append(
-            f"With the stem in bf16 too (`prepare_for_inference(float32_stem=False)`, not the default): "
+            f"With the stem's input in plain bf16 too (`prepare_for_inference(float32_stem=False)`, not the default: "
+            f"p_galaxy moves more, tests/test_precision.py): "
             f"{_fmt(i['cpu_forward_bf16_stem_s_per_chip'])} s/chip, {_fmt(eager / i['cpu_forward_bf16_stem_s_per_chip'])}x eager "
             f"(CPU {_fmt(cpu.get('bf16_stem'))} s), {_pct((i.get('roof_fraction') or {}).get('bf16_stem') or 0)} of the bf16 roof."
         )
@@ -119,10 +120,12 @@ def _bf16_figure(i: dict, plan: dict, command: str) -> Figure:
         )
     if i.get("profile_path") == "bf16" and i.get("profile_total_ms"):
         f.notes.append(
-            f"Where the bf16 path's time goes (profile below, {_fmt(i['profile_total_ms'])} ms of operator time): the float32 stem "
-            f"(conv1 on the chip and its first pool) takes {_fmt(i.get('profile_stem_ms'))} ms, "
-            f"{_pct(i['profile_stem_ms'] / i['profile_total_ms'])}; conv1 (one input channel, 7 x 7, float32) runs at "
-            f"{_fmt(i.get('profile_conv1_gflops'))} GFLOP/s, the bf16 convolutions after it at {_fmt(i.get('profile_other_conv_gflops'))} GFLOP/s."
+            f"Where the bf16 path's time goes (profile below, {_fmt(i['profile_total_ms'])} ms of operator time): the stem "
+            f"(conv1 on the chip at float32 accuracy, `split_conv`, and its first pool) takes {_fmt(i.get('profile_stem_ms'))} ms, "
+            f"{_pct(i['profile_stem_ms'] / i['profile_total_ms'])}; conv1 (one input channel, 7 x 7) runs at "
+            f"{_fmt(i.get('profile_conv1_gflops'))} GFLOP/s of the model's multiply-adds "
+            f"({_fmt(i.get('profile_conv1_executed_gflops'))} GFLOP/s executed: its bf16 form has four input channels), "
+            f"the bf16 convolutions after it at {_fmt(i.get('profile_other_conv_gflops'))} GFLOP/s."
         )
     if i.get("cpu_forward_bf16_max_abs_diff_vs_fp32") is not None:
         f.notes.append(f"|p bf16 - p fp32| on this chip (random weights): {i['cpu_forward_bf16_max_abs_diff_vs_fp32']:.2g}.")

@@ -22,7 +22,7 @@ from ray_hrc.checkpoint import save_checkpoint
 from ray_hrc.classify import ClassifyConfig
 from ray_hrc.models import build_model, choose_precision, pool_before_relu, prepare_for_inference
 from ray_hrc.models.hrcelestialnet import MIN_INPUT_SIDE
-from ray_hrc.models.inference import cpu_bf16_features, cpu_flags
+from ray_hrc.models.inference import ShiftMaxPool2d, SplitPrecision, cpu_bf16_features, cpu_flags, split_conv
 from ray_hrc.predict import ChipClassifier, precision_counts
 from ray_hrc.preprocess import NormConfig
 
@@ -145,8 +145,8 @@ def test_bf16_classifies_like_fp32(spread_checkpoint) -> None:
     fp32 = ChipClassifier(checkpoint, device="cpu", precision="fp32")
     bf16 = ChipClassifier(checkpoint, device="cpu", precision="bf16")
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
-    assert {p.dtype for p in bf16.model.conv1.parameters()} == {torch.float32}  # the stem stays float32
-    assert {p.dtype for name, p in bf16.model.named_parameters() if not name.startswith("conv1.")} == {torch.bfloat16}
+    assert any(isinstance(m, SplitPrecision) for m in bf16.model.conv1.modules())  # the stem at float32 accuracy
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     a, b = fp32(_batch(chips)), bf16(_batch(chips))
     spread = np.sort(a["p_galaxy"])
     assert spread[0] < 0.1 and spread[-1] > 0.9, f"the chips' fp32 p_galaxy {spread} do not spread; the comparison would be empty"
@@ -169,6 +169,46 @@ def test_auto_precision_on_this_machine(spread_checkpoint) -> None:
         assert feature in auto.precision.reason
 
 
+@pytest.mark.parametrize(("padding", "stride"), [(0, 1), (3, 2)])  # HR-CelestialNet's conv1; ResNet's
+def test_split_conv_has_float32_accuracy(padding: int, stride: int) -> None:
+    """`split_conv` in bf16 against a float64 convolution, on a faint source over a bright sky (the case bf16 inputs get
+    wrong: filters that cancel the sky): its error is float32's order, 2^-16 of the terms, far below plain bf16's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 8, 7, stride=stride, padding=padding).eval()
+    with torch.no_grad():
+        conv.weight.sub_(conv.weight.mean(dim=(2, 3), keepdim=True))  # zero-sum filters: the sky cancels
+        conv.bias.copy_(torch.randn(8) * 30)
+    x = 1000 + torch.randn(2, 1, 64, 96)
+    exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, padding)
+    scale = torch.nn.functional.conv2d(x.double().abs(), conv.weight.double().abs(), conv.bias.double().abs(), stride, padding)
+    split = split_conv(conv, torch.bfloat16)
+    assert isinstance(split[0], SplitPrecision) and split[1].weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        got = split(x)
+        plain = torch.nn.functional.conv2d(x.bfloat16(), conv.weight.bfloat16(), conv.bias.bfloat16(), stride, padding)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    rounding = exact.abs() * 2.0**-8  # the output's own rounding to bf16
+    split_error = ((got.double() - exact).abs() - rounding).clamp_min(0) / scale
+    plain_error = ((plain.double() - exact).abs() - rounding).clamp_min(0) / scale
+    assert split_error.max() < 2.0**-14, split_error.max()
+    assert plain_error.max() > 50 * split_error.max(), (plain_error.max(), split_error.max())
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 9, 1022), (2, 3, 5, 2), (1, 1, 2, 7)])
+@pytest.mark.parametrize("kernel", [2, (3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shift_max_pool_is_max_pool(shape, kernel, dtype) -> None:
+    x = torch.randn(shape)
+    x.view(-1)[::7] = float("nan")
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    if shape[2] < k[0] or shape[3] < k[1]:
+        with pytest.raises(RuntimeError):
+            ShiftMaxPool2d(kernel)(x)
+        return
+    torch.testing.assert_close(ShiftMaxPool2d(kernel)(x), torch.nn.functional.max_pool2d(x, kernel, 1), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("float32_stem", [True, False])
 def test_prepared_bf16_model_matches_fp32_on_random_weights(float32_stem: bool) -> None:
     """`prepare_for_inference` in bf16 (folded BatchNorm, pools before ReLUs, channels_last) against the eager model."""
@@ -177,7 +217,7 @@ def test_prepared_bf16_model_matches_fp32_on_random_weights(float32_stem: bool) 
     x = torch.randn(2, 1, MIN_INPUT_SIDE, MIN_INPUT_SIDE)
     prepared = prepare_for_inference(model, dtype=torch.bfloat16, float32_stem=float32_stem)
     stem = prepared.conv1.block  # conv1 runs in row strips (RowStrips) on CPU
-    assert stem[0][0].weight.dtype == torch.float32 if float32_stem else stem[0].weight.dtype == torch.bfloat16
+    assert isinstance(stem[0][0], SplitPrecision) if float32_stem else stem[0].weight.dtype == torch.bfloat16
     with torch.inference_mode():
         expected = model(x)
         got = prepared((x if float32_stem else x.to(torch.bfloat16)).contiguous(memory_format=torch.channels_last))

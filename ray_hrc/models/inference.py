@@ -156,7 +156,29 @@ def _split_pool(pool: nn.MaxPool2d) -> nn.Module:
     plain = _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices
     if not plain or kernel == stride or any(k % s for k, s in zip(kernel, stride, strict=True)):
         return pool
-    return nn.Sequential(nn.MaxPool2d(stride, stride), nn.MaxPool2d((kernel[0] // stride[0], kernel[1] // stride[1]), 1))
+    return nn.Sequential(nn.MaxPool2d(stride, stride), ShiftMaxPool2d((kernel[0] // stride[0], kernel[1] // stride[1])))
+
+
+class ShiftMaxPool2d(nn.MaxPool2d):
+    """A stride-1 MaxPool2d as elementwise maxima of shifted views, rows then columns: the same numbers (NaN
+    propagates in both), without the pool's int64 indices. Measured on bf16 channels_last (1, 32, 9, 1022), the
+    stride-1 2 x 2 pool after HR-CelestialNet's conv1 strips: 0.15 ms against 0.46 ms for max_pool2d."""
+
+    def __init__(self, kernel_size: int | tuple[int, int]) -> None:
+        super().__init__(kernel_size, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = _pair(self.kernel_size)
+        rows, cols = x.shape[-2] - kh + 1, x.shape[-1] - kw + 1
+        if rows < 1 or cols < 1:
+            return super().forward(x)  # max_pool2d's own error
+        out = x[..., :rows, :]
+        for i in range(1, kh):
+            out = torch.maximum(out, x[..., i : i + rows, :])
+        result = out[..., :cols]
+        for j in range(1, kw):
+            result = torch.maximum(result, out[..., j : j + cols])
+        return result
 
 
 def pool_before_relu(model: nn.Module) -> nn.Module:
@@ -175,18 +197,56 @@ def pool_before_relu(model: nn.Module) -> nn.Module:
     return model
 
 
-class CastTo(nn.Module):
-    """Converts its input to `dtype` (after a float32 stem, before the layers that run in bf16)."""
+class SplitPrecision(nn.Module):
+    """A one-channel float32 image as four channels in `dtype`: [hi, hi, lo, 1], with hi = dtype(x) and
+    lo = dtype(x - hi), so that hi + lo holds x to about 16 bits of mantissa in bf16 (see `split_conv`)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype)
+        hi = x.to(self.dtype)
+        lo = (x - hi.to(x.dtype)).to(self.dtype)
+        return torch.cat([hi, hi, lo, torch.ones_like(hi)], dim=1).contiguous(memory_format=torch.channels_last)
 
     def extra_repr(self) -> str:
         return str(self.dtype)
+
+
+def split_conv(conv: nn.Conv2d, dtype: torch.dtype) -> nn.Sequential:
+    """A float32 convolution of a one-channel image as one convolution in `dtype` (bf16) with float32's accuracy:
+    `SplitPrecision`, then a convolution of four input channels.
+
+    Each float32 value v is split into v = hi + lo, hi = bf16(v) and lo = bf16(v - hi): together 16 bits of mantissa
+    for 8. Then x * w = hi(x) hi(w) + hi(x) lo(w) + lo(x) hi(w), up to a term about 2^-16 of the product: one
+    convolution of the channels [hi(x), hi(x), lo(x), 1] with the weights [hi(w), lo(w), hi(w), lo(b)], the last at
+    the kernel's centre only, so the bias hi(b) + lo(b) keeps its float32 value too. Products and sums run in bf16
+    matrix units with float32 accumulation, and the output is rounded to `dtype` once. So the chip's dynamic range (a
+    faint source on a sky level that the filters cancel) meets float32 accuracy at bf16 speed. Measured on an Intel Xeon
+    (AMX, 2 cores): HR-CelestialNet's width-1 conv1 in row strips ran at 300-340 GFLOP/s of the one channel's
+    multiply-adds (1,210-1,360 executed) against 210 in float32; the whole bf16 forward took 0.42-0.44 s a chip in
+    three bench runs, 0.51-0.54 in the runs before with a float32 stem (`bench/inference.py`). Against a float32 stem
+    in one process (medians of 5): width 1/2 185 against 340 ms a chip, 1/4 126 against 492, 1/8 140 against 243; at
+    1/16 (two filters, where `StemConv2d`'s compiled float32 kernel runs) 136 against 134 ms, medians of 20, a tie.
+    The stem's output after its pools matched the float32 stem's rounded to bf16 on 99.8% of values, within one bf16
+    step everywhere; the convolution's error is about 1e-6 of its terms' magnitude, against 1e-3 for plain bf16
+    (`tests/test_precision.py`), and the demo's trained model moves p_galaxy as much either way (0.0060 at most).
+    """
+    if conv.in_channels != 1 or conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError(f"split_conv takes a one-channel, ungrouped, zero-padded Conv2d, not {conv}")
+    w = conv.weight.detach().float()
+    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels, device=w.device)
+    w_hi, b_hi = w.to(dtype), b.to(dtype)
+    w_lo, b_lo = (w - w_hi.float()).to(dtype), (b - b_hi.float()).to(dtype)
+    bias_tap = torch.zeros_like(w_hi)  # the centre tap reads a real pixel wherever padding <= kernel // 2
+    bias_tap[:, 0, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = b_lo
+    four = nn.Conv2d(4, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=True)
+    four.to(device=w.device, dtype=dtype).requires_grad_(False)
+    with torch.no_grad():
+        four.weight.copy_(torch.cat([w_hi, w_lo, w_hi, bias_tap], dim=1))
+        four.bias.copy_(b_hi)
+    return nn.Sequential(SplitPrecision(dtype), four)
 
 
 STRIP_BYTES = 16 * 2**20
@@ -209,7 +269,7 @@ def _row_geometry(block: nn.Sequential) -> tuple[int, int] | None:
             if _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices:
                 return None
             kernel, step = _pair(m.kernel_size)[0], _pair(m.stride if m.stride is not None else m.kernel_size)[0]
-        elif isinstance(m, (nn.ReLU, nn.Identity, CastTo)):
+        elif isinstance(m, (nn.ReLU, nn.Identity, SplitPrecision)):
             continue
         else:
             return None
@@ -264,6 +324,17 @@ def stem_name(model: nn.Module) -> str | None:
     return None
 
 
+def _split_stem_conv(model: nn.Module, stem: str, dtype: torch.dtype) -> None:
+    """Replaces the first one-channel Conv2d in `model`'s child `stem` (or the child itself) by `split_conv`'s pair."""
+    parent, name = model, stem
+    child = getattr(model, stem)
+    if not isinstance(child, nn.Conv2d):
+        name, conv = next((n, m) for n, m in child.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1)
+        *path, name = name.split(".")
+        parent = child.get_submodule(".".join(path)) if path else child
+    setattr(parent, name, split_conv(getattr(parent, name), dtype))
+
+
 def prepare_for_inference(
     model: nn.Module,
     device: str | torch.device = "cpu",
@@ -277,12 +348,11 @@ def prepare_for_inference(
     on `device` in `dtype` (bf16 weights on a CPU with native bf16, `choose_precision`), optionally channels_last and
     compiled.
 
-    float32_stem: with a `dtype` other than float32, the stem (`stem_name`: the block that reads the chip's pixels)
-        stays float32 and its pooled output is converted to `dtype`. The chip's dynamic range then meets float32
-        weights, and the rounding to bf16 happens after the 8/4 pool on a 16 times smaller tensor. Measured on a
-        model whose last layer separates float32 features of two kinds of chip, an all-bf16 forward moved p_galaxy
-        by up to 0.06 and most of that came from the stem (`tests/test_precision.py`); the cost is in
-        `bench/inference.py`.
+    float32_stem: with a `dtype` other than float32, the convolution that reads the chip's pixels (in the `stem_name`
+        child) runs as `split_conv`: in `dtype` arithmetic, with float32 accuracy. The chip's dynamic range then
+        meets float32 weights, and the one rounding to bf16 is that of the convolution's output. Measured on a model
+        whose last layer separates float32 features of two kinds of chip, an all-bf16 forward moved p_galaxy by up to
+        0.06 and most of that came from the stem (`tests/test_precision.py`); the cost is in `bench/inference.py`.
 
     Inputs keep their usual (B, C, H, W) shape and come in float32 (in `dtype` where the whole model runs in it: no
     float32 stem); with channels_last they are best passed in that memory format too
@@ -291,10 +361,9 @@ def prepare_for_inference(
     prepared = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     prepared = pool_before_relu(prepared).to(device=device)
     stem = stem_name(prepared) if float32_stem and dtype != torch.float32 else None
-    float_stem = copy.deepcopy(getattr(prepared, stem)) if stem else None
-    prepared = prepared.to(dtype=dtype)
     if stem:
-        setattr(prepared, stem, nn.Sequential(float_stem, CastTo(dtype)))
+        _split_stem_conv(prepared, stem, dtype)
+    prepared = prepared.to(dtype=dtype)
     if torch.device(device).type == "cpu" and not compile:
         for name, child in list(prepared.named_children()):  # big conv outputs stay in cache (HR-CelestialNet's blocks)
             setattr(prepared, name, in_row_strips(child))
