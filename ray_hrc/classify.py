@@ -56,6 +56,7 @@ from ray_hrc.parts import (
 )
 from ray_hrc.parts import consolidate as consolidate_parts
 from ray_hrc.predict import CATALOG_COLUMNS, ChipClassifier, precision_counts
+from ray_hrc.runtime import retry_bounds_as_remote_args
 from ray_hrc.storage import OutputConfig, Storage
 
 logger = logging.getLogger(__name__)
@@ -335,23 +336,25 @@ def _run_pipeline(
     # Set before the dataset is built: a Dataset keeps a copy of the DataContext taken when it is created.
     ctx.max_errored_blocks = -1
     try:
-        ds = read_chips(files, read, norm=norm).map_batches(
-            _ModelStage,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "checkpoint_id": ckpt_id,
-                "device": "cuda" if gpu else "cpu",
-                "storage_options": opts,
-                "max_retries": config.max_retries,
-                "precision": config.precision,
-            },  # fmt: skip
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-            num_gpus=config.gpus_per_actor if gpu else 0,
-            num_cpus=config.cpus_per_actor,
-            max_task_retries=config.max_retries,  # an actor that dies mid-batch is restarted and the batch retried, this often
-        )
+        ds = read_chips(files, read, norm=norm)
+        with retry_bounds_as_remote_args():
+            ds = ds.map_batches(
+                _ModelStage,
+                fn_constructor_kwargs={
+                    "checkpoint": checkpoint,
+                    "checkpoint_id": ckpt_id,
+                    "device": "cuda" if gpu else "cpu",
+                    "storage_options": opts,
+                    "max_retries": config.max_retries,
+                    "precision": config.precision,
+                },  # fmt: skip
+                batch_size=config.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+                num_gpus=config.gpus_per_actor if gpu else 0,
+                num_cpus=config.cpus_per_actor,
+                max_task_retries=config.max_retries,  # an actor that dies mid-batch is restarted and the batch retried, this often
+            )
         ds = ds.map_batches(
             write_parts, fn_kwargs={"out": out, "storage_options": opts, "run_id": run_id, "max_retries": config.max_retries},
             batch_size=config.part_rows,

@@ -23,6 +23,7 @@ from ray_hrc.chips import ERROR_COLUMNS, LABEL_COLUMNS, META_FIELDS, Chip, ChipM
 from ray_hrc.manifest import DEFAULT_TEMPLATE, SourceOptions, resolve_sources
 from ray_hrc.preprocess import NormConfig, preprocess_row
 from ray_hrc.remote import FetchConfig
+from ray_hrc.runtime import retry_bounds_as_remote_args
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,14 @@ def read_chips(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(shuffle_seed))  # one file per block; reseeded every execution
-    return ds.flat_map(
-        chip_rows,
-        fn_kwargs={"storage_options": config.storage_options or None, "norm": norm, "fetch": config.fetch or None},
-        num_cpus=config.num_cpus,
-        concurrency=config.concurrency,
-        max_retries=config.max_retries,  # a static remote arg: Ray 2.60 has no named parameter for it
-    )
+    with retry_bounds_as_remote_args():
+        return ds.flat_map(
+            chip_rows,
+            fn_kwargs={"storage_options": config.storage_options or None, "norm": norm, "fetch": config.fetch or None},
+            num_cpus=config.num_cpus,
+            concurrency=config.concurrency,
+            max_retries=config.max_retries,  # a static remote arg: Ray 2.60 has no named parameter for it
+        )
 
 
 def stack_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
+from ray.util.annotations import RayDeprecationWarning
 
 logger = logging.getLogger(__name__)
 
@@ -46,3 +50,18 @@ def quiet_console(terminal: bool | None = None) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":  # the console handler; its file handler keeps everything
             handler.setLevel(logging.INFO if terminal else logging.WARNING)
+
+
+@contextmanager
+def retry_bounds_as_remote_args() -> Iterator[None]:
+    """Around a Ray Data call that bounds its retries through ``**ray_remote_args``.
+
+    Ray 2.60 deprecates ``**ray_remote_args`` in favour of named parameters, but it has none for ``max_retries`` (how
+    often a lost read task runs again; Ray Data's default is forever) or ``max_task_retries`` (how often an actor's
+    batch is retried). Those bounds are what turns a file that kills its worker into an error row
+    (`tests/test_poisoned_file.py`), so they stay; only that one deprecation warning is silenced, here, so that a
+    run's console is not four copies of it. When Ray removes the argument, the call raises instead of warning.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+        yield

@@ -49,6 +49,24 @@ def test_read_chips_keeps_good_chips_and_reports_every_bad_one(ray_session, mixe
     assert all(name in msg for name, msg in zip(errors["uri"].str.rsplit("/", n=1).str[-1], errors["error"], strict=True))
 
 
+def test_read_chips_keeps_its_retry_bound_without_a_deprecation_warning(ray_session, mixed_archive):
+    """The read stage bounds its task retries through Ray's deprecated ``**ray_remote_args`` (Ray 2.60 has no named
+    parameter for ``max_retries``): the bound still reaches the operator, and only that one warning is silenced."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from ray_hrc.runtime import retry_bounds_as_remote_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        ds = read_chips(str(mixed_archive), ReadConfig(max_retries=2))
+        with retry_bounds_as_remote_args(), pytest.raises(RayDeprecationWarning, match="something else"):
+            warnings.warn("something else is deprecated", RayDeprecationWarning, stacklevel=1)
+    ops = [op for op in ds._logical_plan.dag.post_order_iter() if getattr(op, "ray_remote_args", None)]
+    assert [op.ray_remote_args.get("max_retries") for op in ops] == [2], [op.ray_remote_args for op in ops]
+
+
 def test_crop_to_s3_gives_byte_exact_science_areas(ray_session, mixed_archive, s3_bucket):
     bucket, opts = s3_bucket
     fs = s3fs.S3FileSystem(**opts)
