@@ -329,7 +329,7 @@ def _split_stem_conv(model: nn.Module, stem: str, dtype: torch.dtype) -> None:
     parent, name = model, stem
     child = getattr(model, stem)
     if not isinstance(child, nn.Conv2d):
-        name, conv = next((n, m) for n, m in child.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1)
+        name = next(n for n, m in child.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1)
         *path, name = name.split(".")
         parent = child.get_submodule(".".join(path)) if path else child
     setattr(parent, name, split_conv(getattr(parent, name), dtype))
