@@ -315,24 +315,13 @@ def in_row_strips(block: nn.Module) -> nn.Module:
     return RowStrips(block, *geometry, out_channels=max(c.out_channels for c in convs))
 
 
-def stem_name(model: nn.Module) -> str | None:
-    """The name of the first direct child of `model` that holds a convolution reading one channel (HR-CelestialNet's
-    conv1 block; a torchvision ResNet's conv1), or None."""
-    for name, child in model.named_children():
-        if any(isinstance(m, nn.Conv2d) and m.in_channels == 1 for m in child.modules()):
-            return name
-    return None
-
-
-def _split_stem_conv(model: nn.Module, stem: str, dtype: torch.dtype) -> None:
-    """Replaces the first one-channel Conv2d in `model`'s child `stem` (or the child itself) by `split_conv`'s pair."""
-    parent, name = model, stem
-    child = getattr(model, stem)
-    if not isinstance(child, nn.Conv2d):
-        name = next(n for n, m in child.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1)
-        *path, name = name.split(".")
-        parent = child.get_submodule(".".join(path)) if path else child
-    setattr(parent, name, split_conv(getattr(parent, name), dtype))
+def _split_stem_conv(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replaces the first Conv2d of `model` that reads one channel (HR-CelestialNet's conv1; a torchvision ResNet's
+    conv1) by `split_conv`'s pair; a model without one is left as it is."""
+    name = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1), None)
+    if name is not None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, split_conv(model.get_submodule(name), dtype))
 
 
 def prepare_for_inference(
@@ -348,8 +337,8 @@ def prepare_for_inference(
     on `device` in `dtype` (bf16 weights on a CPU with native bf16, `choose_precision`), optionally channels_last and
     compiled.
 
-    float32_stem: with a `dtype` other than float32, the convolution that reads the chip's pixels (in the `stem_name`
-        child) runs as `split_conv`: in `dtype` arithmetic, with float32 accuracy. The chip's dynamic range then
+    float32_stem: with a `dtype` other than float32, the convolution that reads the chip's pixels runs as
+        `split_conv`: in `dtype` arithmetic, with float32 accuracy. The chip's dynamic range then
         meets float32 weights, and the one rounding to bf16 is that of the convolution's output. Measured on a model
         whose last layer separates float32 features of two kinds of chip, an all-bf16 forward moved p_galaxy by up to
         0.06 and most of that came from the stem (`tests/test_precision.py`); the cost is in `bench/inference.py`.
@@ -360,9 +349,8 @@ def prepare_for_inference(
     """
     prepared = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     prepared = pool_before_relu(prepared).to(device=device)
-    stem = stem_name(prepared) if float32_stem and dtype != torch.float32 else None
-    if stem:
-        _split_stem_conv(prepared, stem, dtype)
+    if float32_stem and dtype != torch.float32:
+        _split_stem_conv(prepared, dtype)
     prepared = prepared.to(dtype=dtype)
     if torch.device(device).type == "cpu" and not compile:
         for name, child in list(prepared.named_children()):  # big conv outputs stay in cache (HR-CelestialNet's blocks)
